@@ -5,10 +5,16 @@ small state pytree and never mutate. Flax modules over these live in
 ``norms.linen`` (the only place flax is imported).
 """
 
+from norms.filter_response_norm import filter_response_norm
+from norms.group_norm import group_norm, instance_norm, layer_norm
 from norms.moments import merge_moments, moments
 from norms.weight_standardization import scaled_weight_standardize, weight_standardize
 
 __all__ = [
+    "filter_response_norm",
+    "group_norm",
+    "instance_norm",
+    "layer_norm",
     "merge_moments",
     "moments",
     "scaled_weight_standardize",
