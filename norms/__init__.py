@@ -5,12 +5,24 @@ small state pytree and never mutate. Flax modules over these live in
 ``norms.linen`` (the only place flax is imported).
 """
 
+from norms.batch_norm import (
+    BatchNormState,
+    batch_norm,
+    init_batch_norm_state,
+    sync_batch_stats,
+    update_running_stats,
+)
 from norms.filter_response_norm import filter_response_norm
 from norms.group_norm import group_norm, instance_norm, layer_norm
 from norms.moments import merge_moments, moments
 from norms.weight_standardization import scaled_weight_standardize, weight_standardize
 
 __all__ = [
+    "BatchNormState",
+    "batch_norm",
+    "init_batch_norm_state",
+    "sync_batch_stats",
+    "update_running_stats",
     "filter_response_norm",
     "group_norm",
     "instance_norm",
