@@ -12,9 +12,11 @@ from norms.batch_norm import (
     sync_batch_stats,
     update_running_stats,
 )
+from norms.evo_norm import evonorm_b0, evonorm_s0
 from norms.filter_response_norm import filter_response_norm
 from norms.group_norm import group_norm, instance_norm, layer_norm
 from norms.moments import merge_moments, moments
+from norms.switchable_norm import switchable_norm
 from norms.weight_standardization import scaled_weight_standardize, weight_standardize
 
 __all__ = [
@@ -23,6 +25,8 @@ __all__ = [
     "init_batch_norm_state",
     "sync_batch_stats",
     "update_running_stats",
+    "evonorm_b0",
+    "evonorm_s0",
     "filter_response_norm",
     "group_norm",
     "instance_norm",
@@ -30,5 +34,6 @@ __all__ = [
     "merge_moments",
     "moments",
     "scaled_weight_standardize",
+    "switchable_norm",
     "weight_standardize",
 ]

@@ -117,6 +117,26 @@ def merge_moments(
     return total, merged_mean, merged_m2
 
 
+def merge_across_devices(
+    count: jax.Array,
+    mean: jax.Array,
+    m2: jax.Array,
+    axis_name: str | tuple[str, ...] | None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-device ``(count, mean, M2)`` (same shapes) -> their union over ``axis_name``.
+
+    One ``all_gather`` of the stacked triple, then Chan's merge. Identity when
+    ``axis_name`` is None. Used by :func:`moments` and by norms that derive their
+    per-device moments from other moments (e.g. switchable norm's BN branch).
+    """
+    if axis_name is None:
+        return count, mean, m2
+    stacked = jnp.stack(jnp.broadcast_arrays(count, mean, m2))
+    gathered = jax.lax.all_gather(stacked, axis_name, axis_index_groups=axis_index_groups)
+    return merge_moments(gathered[:, 0], gathered[:, 1], gathered[:, 2])
+
+
 def moments(
     x: jax.Array,
     axes: Axes,
@@ -157,9 +177,6 @@ def moments(
     mask = broadcast_mask(mask, x.shape)
     check_axis_name(axis_name)
     count, mean, m2 = local_moments(x, axes, mask, keepdims)
-    if axis_name is not None:
-        stacked = jnp.stack([count, mean, m2])
-        gathered = jax.lax.all_gather(stacked, axis_name, axis_index_groups=axis_index_groups)
-        count, mean, m2 = merge_moments(gathered[:, 0], gathered[:, 1], gathered[:, 2])
+    count, mean, m2 = merge_across_devices(count, mean, m2, axis_name, axis_index_groups)
     var = m2 / jnp.maximum(count, 1.0)
     return mean, var, count

@@ -1,0 +1,148 @@
+"""Switchable normalization (Luo et al., 2019): a learned mix of IN, LN and BN statistics.
+
+::
+
+    mean = sum_k w_k  mu_k,      w  = softmax(mean_logits)     k in (IN, LN, BN)
+    var  = sum_k w'_k var_k,     w' = softmax(var_logits)
+    y    = (x - mean) * rsqrt(var + eps) * scale + bias
+
+One pass over ``x``: the instance moments (per example and channel, over the
+spatial axes) come from :func:`norms.moments`; the layer and batch moments are
+derived from them exactly with Chan's merge (law of total variance), e.g. for
+layer norm ``mu_LN = mean_c mu_IN`` and
+``var_LN = mean_c (var_IN + (mu_IN - mu_LN)^2)`` (count-weighted when masked).
+The BN branch merges over the batch and then across devices on ``axis_name``
+with one collective, and keeps running statistics exactly like
+:func:`norms.batch_norm` (eval uses them; IN and LN always use the current input).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from norms.batch_norm import (
+    BatchNormState,
+    check_eps,
+    check_momentum,
+    check_on_stale,
+    check_stale,
+    check_state,
+    update_running_stats,
+)
+from norms.group_norm import channels_last, check_param, mask_channels_last
+from norms.moments import check_axis_name, merge_across_devices, merge_moments, moments
+
+
+def _check_logits(logits, name: str, dtype) -> jax.Array:
+    logits = jnp.asarray(logits)
+    if logits.shape != (3,):
+        raise ValueError(
+            f"switchable_norm: {name} has shape {logits.shape}; expected (3,) logits for "
+            "the (IN, LN, BN) statistics (initialise them to zeros for equal weights)"
+        )
+    return logits.astype(dtype)
+
+
+def switchable_norm(
+    x: jax.Array,
+    state: BatchNormState,
+    scale: jax.Array | None,
+    bias: jax.Array | None,
+    mean_logits: jax.Array,
+    var_logits: jax.Array,
+    *,
+    train: bool,
+    momentum=0.9,
+    eps: float = 1e-5,
+    axis: int = -1,
+    axis_name: str | tuple[str, ...] | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+    mask: jax.Array | None = None,
+    on_stale: str = "warn",
+) -> tuple[jax.Array, BatchNormState]:
+    """Switchable norm of ``x`` of shape ``(N, *spatial, C)`` (at least one spatial axis).
+
+    Args:
+      x: input, batch axis 0, channel axis ``axis``.
+      state: :class:`norms.batch_norm.BatchNormState` of the BN branch (``(C,)``).
+      scale, bias: per-channel ``(C,)`` arrays or ``None``.
+      mean_logits, var_logits: ``(3,)`` logits over (IN, LN, BN) for the means and
+        the variances; their softmaxes weigh the statistics.
+      train: required. True: the BN branch uses the batch statistics (over the batch,
+        spatial axes and devices on ``axis_name``) and the running statistics are
+        updated (``new = momentum * old + (1 - momentum) * batch``, biased
+        variance, see :func:`norms.batch_norm.update_running_stats`). False: the BN
+        branch uses ``state.mean``/``state.var`` and the state is returned unchanged.
+      eps: added to the mixed variance inside the rsqrt.
+      axis: the channel axis.
+      axis_name, axis_index_groups: SyncBN for the BN branch (one all_gather).
+      mask: optional boolean, broadcastable to ``x``; masked values enter no
+        statistic (all three are count-weighted).
+      on_stale: "warn" | "error" | "ignore" for eval with never-updated statistics.
+
+    Returns ``(y, new_state)``, ``y`` in ``x``'s dtype, statistics in float32.
+    """
+    who = "switchable_norm"
+    shape = jnp.shape(x)
+    xl, axis = channels_last(x, axis, who)
+    if xl.ndim < 3:
+        raise ValueError(
+            f"{who}: input of shape {shape} has no spatial axis; the IN branch needs "
+            "(N, *spatial, C) inputs with at least one spatial axis"
+        )
+    c = xl.shape[-1]
+    m = mask_channels_last(mask, shape, axis, who)
+    mean_in, var_in, count_in = moments(xl, tuple(range(1, xl.ndim - 1)), mask=m, keepdims=True)
+    dt = mean_in.dtype
+    scale = check_param(scale, c, "scale", who, dt)
+    bias = check_param(bias, c, "bias", who, dt)
+    w = jax.nn.softmax(_check_logits(mean_logits, "mean_logits", dt))
+    wv = jax.nn.softmax(_check_logits(var_logits, "var_logits", dt))
+    check_state(state, c, shape, axis, who)
+    check_momentum(momentum, who)
+    check_eps(eps, who)
+    check_on_stale(on_stale, who)
+    check_axis_name(axis_name, who)
+
+    m2_in = var_in * count_in
+    # Layer norm moments: merge the instance moments over the channels.
+    cnt_ln, mean_ln, m2_ln = merge_moments(count_in, mean_in, m2_in, axis=-1)
+    mean_ln = mean_ln[..., None]
+    var_ln = m2_ln[..., None] / jnp.maximum(cnt_ln[..., None], 1.0)
+
+    if train:
+        if xl.size // c == 1 and axis_name is None:
+            raise ValueError(
+                f"{who}: training would reduce the BN branch over one value per channel "
+                f"(input shape {shape}); use a bigger batch or pass axis_name"
+            )
+        # Batch norm moments: merge over the batch, then over devices (one collective).
+        cnt_bn, mean_bn, m2_bn = merge_moments(count_in, mean_in, m2_in, axis=0)
+        cnt_bn, mean_bn, m2_bn = merge_across_devices(
+            cnt_bn, mean_bn, m2_bn, axis_name, axis_index_groups
+        )
+        var_bn = m2_bn / jnp.maximum(cnt_bn, 1.0)
+        new_state = update_running_stats(
+            state,
+            *(jax.lax.stop_gradient(t.reshape(-1)) for t in (mean_bn, var_bn, cnt_bn)),
+            momentum=momentum,
+        )
+    else:
+        check_stale(state.count, on_stale, who)
+        mean_bn = state.mean.astype(dt)
+        var_bn = state.var.astype(dt)
+        new_state = state
+
+    mean = w[0] * mean_in + w[1] * mean_ln + w[2] * mean_bn
+    var = wv[0] * var_in + wv[1] * var_ln + wv[2] * var_bn
+    a = jax.lax.rsqrt(var + eps)
+    if scale is not None:
+        a = a * scale
+    b = -mean * a
+    if bias is not None:
+        b = b + bias
+    y = xl.astype(dt) * a + b
+    return jnp.moveaxis(y.astype(xl.dtype), -1, axis), new_state
