@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from norms.moments import broadcast_mask, check_axis_name, merge_moments, moments
 
@@ -339,7 +340,7 @@ def _stale_message(who: str) -> str:
 
 
 def _report_stale(count, on_stale: str, who: str) -> None:
-    if int(jnp.min(jnp.asarray(count))) > 0:
+    if int(np.min(np.asarray(count))) > 0:
         return
     if on_stale == "error":
         raise StaleStatisticsError(_stale_message(who))
