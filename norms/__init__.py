@@ -12,6 +12,13 @@ from norms.batch_norm import (
     sync_batch_stats,
     update_running_stats,
 )
+from norms.batch_renorm import (
+    BatchRenormState,
+    batch_renorm,
+    init_batch_renorm_state,
+    paper_d_max,
+    paper_r_max,
+)
 from norms.evo_norm import evonorm_b0, evonorm_s0
 from norms.filter_response_norm import filter_response_norm
 from norms.group_norm import group_norm, instance_norm, layer_norm
@@ -25,6 +32,11 @@ __all__ = [
     "init_batch_norm_state",
     "sync_batch_stats",
     "update_running_stats",
+    "BatchRenormState",
+    "batch_renorm",
+    "init_batch_renorm_state",
+    "paper_d_max",
+    "paper_r_max",
     "evonorm_b0",
     "evonorm_s0",
     "filter_response_norm",

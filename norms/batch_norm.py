@@ -245,21 +245,59 @@ def batch_statistics(
     return BatchStats(mean, var, run_mean, within_var, total / groups)
 
 
-def normalize(x, mean, var, scale, bias, *, eps, axis: int, out_dtype):
+def normalize(x, mean, var, scale, bias, *, eps, axis: int, out_dtype, r=None, d=None):
     """``(x - mean) * rsqrt(var + eps) * scale + bias`` in the statistics dtype.
 
     ``mean``/``var`` broadcast against ``x``; ``scale``/``bias`` are (C,) or None
     and are placed on channel axis ``axis``. Returns ``out_dtype``.
+
+    Batch renorm's correction (``xhat = (x - mean) * rsqrt(var + eps) * r + d``)
+    enters through ``r``/``d`` (broadcastable like ``mean``); with ``r = 1`` and
+    ``d = 0`` it performs the same arithmetic as plain batch norm (bit-for-bit eagerly).
     """
     cdt = mean.dtype
     shape = _channel_shape(x.ndim, axis, x.shape[axis])
+    scale = None if scale is None else scale.astype(cdt).reshape(shape)
     mul = jax.lax.rsqrt(var + eps)
+    if r is not None:
+        mul = mul * r
     if scale is not None:
-        mul = mul * scale.astype(cdt).reshape(shape)
+        mul = mul * scale
     y = (x.astype(cdt) - mean) * mul
+    if d is not None:
+        y = y + (d if scale is None else d * scale)
     if bias is not None:
         y = y + bias.astype(cdt).reshape(shape)
     return y.astype(out_dtype)
+
+
+def prepare(x, state, scale, bias, *, axis, momentum, eps, on_stale, who):
+    """Entry checks shared by the stateful norms; returns ``(x, channel_axis, scale, bias)``."""
+    x = jnp.asarray(x)
+    ax = channel_axis(x, axis, who)
+    c = x.shape[ax]
+    scale = check_param_shape(scale, c, "scale", x.shape, axis, who)
+    bias = check_param_shape(bias, c, "bias", x.shape, axis, who)
+    check_state(state, c, x.shape, axis, who)
+    check_momentum(momentum, who)
+    check_eps(eps, who)
+    check_on_stale(on_stale, who)
+    return x, ax, scale, bias
+
+
+def normalize_with_running_stats(x, state, scale, bias, *, eps, axis: int, on_stale, who):
+    """Eval / frozen normalization with ``state.mean``/``state.var`` (no update).
+
+    ``axis`` is the non-negative channel axis. Checks staleness per ``on_stale``.
+    Gradients flow to ``x``, ``scale`` and ``bias``.
+    """
+    check_stale(state.count, on_stale, who)
+    mean = _as_channel_stat(state.mean, x.ndim, axis)
+    var = _as_channel_stat(state.var, x.ndim, axis)
+    cdt = jnp.promote_types(mean.dtype, jnp.promote_types(x.dtype, jnp.float32))
+    return normalize(
+        x, mean.astype(cdt), var.astype(cdt), scale, bias, eps=eps, axis=axis, out_dtype=x.dtype
+    )
 
 
 def _as_channel_stat(t: jax.Array, ndim: int, axis: int) -> jax.Array:
@@ -431,22 +469,12 @@ def batch_norm(
     reduction over one value per channel.
     """
     who = "batch_norm"
-    x = jnp.asarray(x)
-    ax = channel_axis(x, axis, who)
-    c = x.shape[ax]
-    scale = check_param_shape(scale, c, "scale", x.shape, axis, who)
-    bias = check_param_shape(bias, c, "bias", x.shape, axis, who)
-    check_state(state, c, x.shape, axis, who)
-    check_momentum(momentum, who)
-    check_eps(eps, who)
-    check_on_stale(on_stale, who)
+    x, ax, scale, bias = prepare(
+        x, state, scale, bias, axis=axis, momentum=momentum, eps=eps, on_stale=on_stale, who=who
+    )
     if not train:
-        check_stale(state.count, on_stale, who)
-        mean = _as_channel_stat(state.mean, x.ndim, ax)
-        var = _as_channel_stat(state.var, x.ndim, ax)
-        cdt = jnp.promote_types(mean.dtype, jnp.promote_types(x.dtype, jnp.float32))
-        y = normalize(
-            x, mean.astype(cdt), var.astype(cdt), scale, bias, eps=eps, axis=ax, out_dtype=x.dtype
+        y = normalize_with_running_stats(
+            x, state, scale, bias, eps=eps, axis=ax, on_stale=on_stale, who=who
         )
         return y, state
     stats = batch_statistics(
