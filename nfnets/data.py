@@ -261,16 +261,18 @@ def _info(spec: DatasetSpec, split: str, n: int, source: str) -> DatasetInfo:
     )
 
 
-def _prepare_hint(spec: DatasetSpec, data_dir) -> str:
-    target = data_dir if data_dir is not None else "~/tensorflow_datasets"
+def _prepare_hint(spec: DatasetSpec, data_dir, default_tfds_dir: str) -> str:
+    target = data_dir if data_dir is not None else default_tfds_dir
     build = f"tfds build {spec.tfds_name} --data_dir {target} --file_format array_record"
     if spec.name == "fashion_mnist":
+        searched = FASHION_MNIST_SYSTEM_DIR if data_dir is None else data_dir
         return (
-            "Fashion-MNIST IDX files not found. Install them with `sudo apt-get install "
-            f"dataset-fashion-mnist` (puts them in {FASHION_MNIST_SYSTEM_DIR}) or `make data`, "
-            "or pass --config.data_dir=DIR with train-images-idx3-ubyte.gz, "
-            "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz "
-            f"(https://github.com/zalandoresearch/fashion-mnist), or prepare TFDS: `{build}`."
+            f"Fashion-MNIST IDX files not found in {searched} (nor TFDS data in {target}). "
+            "Install them with `sudo apt-get install dataset-fashion-mnist` (puts them in "
+            f"{FASHION_MNIST_SYSTEM_DIR}) or `make data`, or pass --config.data_dir=DIR with "
+            "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
+            "t10k-labels-idx1-ubyte.gz (https://github.com/zalandoresearch/fashion-mnist), "
+            f"or prepare TFDS: `{build}`."
         )
     manual = ""
     if spec.name == "imagenet2012":
@@ -291,13 +293,14 @@ def _load_tfds(spec: DatasetSpec, split: str, data_dir, in_memory: bool) -> Data
     tfds_split = spec.splits.get(split, split)
     directory = None if data_dir is None else os.fspath(Path(data_dir).expanduser())
     builder = tfds.builder(spec.tfds_name, data_dir=directory)
+    default_dir = tfds.core.constants.DATA_DIR
     if not builder.is_prepared():
-        raise DatasetNotFoundError(_prepare_hint(spec, data_dir))
+        raise DatasetNotFoundError(_prepare_hint(spec, data_dir, default_dir))
     file_format = getattr(builder.info.file_format, "value", builder.info.file_format)
     if file_format != "array_record":
         raise DatasetNotFoundError(
             f"{spec.name} in {builder.data_dir} uses file format {file_format!r}; random access "
-            f"without TensorFlow needs array_record. {_prepare_hint(spec, data_dir)}"
+            f"without TensorFlow needs array_record. {_prepare_hint(spec, data_dir, default_dir)}"
         )
     source = tfds.data_source(spec.tfds_name, split=tfds_split, data_dir=directory, download=False)
     info = _info(spec, split, len(source), f"tfds:{builder.data_dir}")

@@ -140,17 +140,14 @@ def test_missing_datasets_name_the_fix(tmp_path):
         data.load_dataset("mnist", split="train")
 
 
-def test_tfds_array_record_source_without_tensorflow(tmp_path):
-    """A tiny CIFAR-10 prepared as array_record is read back through tfds.data_source."""
+def prepare_fake_tfds(base, name, arrays, data_dir, extra=lambda split, i: {}):
+    """Prepare `arrays` ({split: uint8 (N, H, W, C)}) as TFDS dataset `name` (array_record).
+
+    `base` is the real TFDS builder class, so its feature spec is used; labels are i % 10.
+    """
     import PIL.Image
-    from tensorflow_datasets.image_classification import cifar
 
-    rng = np.random.default_rng(0)
-    arrays = {"train": rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8),
-              "test": rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)}  # fmt: skip
-
-    class TinyCifar10(cifar.Cifar10, skip_registration=True):
-        name = "cifar10"
+    class Fake(base, skip_registration=True):
         # tfds 4.9.10 looks up the code path of builders defined in packages through the
         # optional `importlib_resources`; a non-package module takes its plain fallback.
         __module__ = "__main__"
@@ -160,16 +157,31 @@ def test_tfds_array_record_source_without_tensorflow(tmp_path):
 
         def _examples(self, split):
             for i, image in enumerate(arrays[split]):
-                record = {"id": f"{split}{i}", "image": PIL.Image.fromarray(image), "label": i % 10}
-                yield f"{split}{i}", record
+                image = PIL.Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+                yield f"{split}{i}", {"image": image, "label": i % 10, **extra(split, i)}
 
-    TinyCifar10(data_dir=tmp_path, file_format="array_record").download_and_prepare()
+    Fake.name = name
+    Fake(data_dir=data_dir, file_format="array_record").download_and_prepare()
+
+
+def match_rows(images, reference):
+    """Index into `reference` of each image (TFDS shuffles records on writing)."""
+    return [int(np.flatnonzero((reference == x).all(axis=(1, 2, 3)))[0]) for x in images]
+
+
+def test_tfds_array_record_source_without_tensorflow(tmp_path):
+    """A tiny CIFAR-10 prepared as array_record is read back through tfds.data_source."""
+    from tensorflow_datasets.image_classification import cifar
+
+    rng = np.random.default_rng(0)
+    arrays = {"train": rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8),
+              "test": rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)}  # fmt: skip
+    prepare_fake_tfds(cifar.Cifar10, "cifar10", arrays, tmp_path, lambda s, i: {"id": f"{s}{i}"})
     for split, images in arrays.items():
         ds = data.load_dataset("cifar10", split=split, data_dir=tmp_path)
         assert isinstance(ds, data.ArrayDataset) and ds.info.num_classes == 10
         assert len(ds) == len(images) == ds.info.num_examples
-        # TFDS shuffles records on writing; match examples by their label-free content.
-        order = [int(np.flatnonzero((images == x).all(axis=(1, 2, 3)))[0]) for x in ds.images]
+        order = match_rows(ds.images, images)
         assert sorted(order) == list(range(len(images)))
         np.testing.assert_array_equal(ds.labels, np.array(order) % 10)
     lazy = data.load_dataset("cifar10", split="test", data_dir=tmp_path, in_memory=False)
@@ -179,6 +191,18 @@ def test_tfds_array_record_source_without_tensorflow(tmp_path):
         list(data.eval_iterator(lazy, global_batch_size=4)),
         list(data.eval_iterator(eager, global_batch_size=4)),
     )
+
+
+def test_fashion_mnist_falls_back_to_prepared_tfds(tmp_path):
+    from tensorflow_datasets.image_classification import mnist
+
+    rng = np.random.default_rng(1)
+    arrays = {"train": rng.integers(0, 256, (6, 28, 28, 1), dtype=np.uint8),
+              "test": rng.integers(0, 256, (4, 28, 28, 1), dtype=np.uint8)}  # fmt: skip
+    prepare_fake_tfds(mnist.FashionMNIST, "fashion_mnist", arrays, tmp_path)
+    ds = data.load_dataset("fashion_mnist", split="test", data_dir=tmp_path)
+    assert ds.images.shape == (4, 28, 28, 1) and ds.info.source.startswith("tfds:")
+    assert sorted(match_rows(ds.images, arrays["test"])) == [0, 1, 2, 3]
 
 
 # ------------------------------------------------------------------------ iteration
