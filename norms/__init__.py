@@ -23,6 +23,7 @@ from norms.evo_norm import evonorm_b0, evonorm_s0
 from norms.filter_response_norm import filter_response_norm
 from norms.group_norm import group_norm, instance_norm, layer_norm
 from norms.moments import merge_moments, moments
+from norms.precise_bn import apply_recomputed_stats, recompute_batch_stats
 from norms.switchable_norm import switchable_norm
 from norms.weight_standardization import scaled_weight_standardize, weight_standardize
 
@@ -37,6 +38,8 @@ __all__ = [
     "init_batch_renorm_state",
     "paper_d_max",
     "paper_r_max",
+    "apply_recomputed_stats",
+    "recompute_batch_stats",
     "evonorm_b0",
     "evonorm_s0",
     "filter_response_norm",

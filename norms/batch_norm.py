@@ -161,6 +161,24 @@ class BatchStats(NamedTuple):
     run_mean: jax.Array
     run_var: jax.Array
     run_count: jax.Array
+    count: jax.Array
+
+    def moments(self) -> BatchMoments:
+        """(C,) moments of the whole call: run_mean, run_var and the total count."""
+        return BatchMoments(self.run_mean, self.run_var, self.count)
+
+
+class BatchMoments(NamedTuple):
+    """(C,) batch moments of one training call, as used for the running update.
+
+    ``count`` is the total number of values behind each statistic (over devices,
+    masks applied, summed over ghost batches), the weight for merging calls
+    (:func:`norms.recompute_batch_stats`).
+    """
+
+    mean: jax.Array
+    var: jax.Array
+    count: jax.Array
 
 
 def batch_statistics(
@@ -190,6 +208,7 @@ def batch_statistics(
     batches``), so the unbiased correction ``n / (n - 1)`` gives the pooled
     unbiased within-ghost variance ``sum_j M2_j / sum_j (n_j - 1)``. Without ghost
     batches these reduce to the plain batch mean, biased variance and count.
+    ``count`` is the total (C,) count over the whole call.
 
     Raises ValueError at trace time when each channel would be reduced over a
     single value (no ``axis_name``): a silent NaN/zero otherwise.
@@ -236,13 +255,14 @@ def batch_statistics(
         keepdims=True,
     )
     if ghost_batch_size is None:
-        return BatchStats(mean, var, mean.reshape(-1), var.reshape(-1), count.reshape(-1))
+        count = count.reshape(-1)
+        return BatchStats(mean, var, mean.reshape(-1), var.reshape(-1), count, count)
     c = x.shape[axis]
     gc, gm, gv = (t.reshape(-1, c) for t in (count, mean, var))
     total, run_mean, _ = merge_moments(gc, gm, gv * gc, axis=0)
     within_var = jnp.sum(gv * gc, axis=0) / jnp.maximum(total, 1.0)
     groups = jnp.maximum(jnp.sum((gc > 0).astype(gc.dtype), axis=0), 1.0)
-    return BatchStats(mean, var, run_mean, within_var, total / groups)
+    return BatchStats(mean, var, run_mean, within_var, total / groups, total)
 
 
 def normalize(x, mean, var, scale, bias, *, eps, axis: int, out_dtype, r=None, d=None):
@@ -423,6 +443,7 @@ def batch_norm(
     unbiased_running_var: bool = False,
     zero_debias: bool = False,
     on_stale: str = "warn",
+    return_batch_stats: bool = False,
 ) -> tuple[jax.Array, BatchNormState]:
     """Batch normalization of ``x`` of shape (N, ..., C) (channel axis ``axis``).
 
@@ -458,9 +479,13 @@ def batch_norm(
         initial state (see :func:`update_running_stats`).
       on_stale: "warn" | "error" | "ignore": what eval does when the running
         statistics were never updated (``state.count == 0``).
+      return_batch_stats: also return the :class:`BatchMoments` of this call
+        (``None`` in eval), e.g. to re-estimate population statistics with
+        :func:`norms.recompute_batch_stats`.
 
     Returns:
-      ``(y, new_state)``.
+      ``(y, new_state)``, or ``(y, new_state, batch_moments)`` with
+      ``return_batch_stats=True``.
 
     Running statistics are not updated when the batch statistics are not finite
     (NaN/Inf inputs) or nothing was unmasked; see :func:`update_running_stats`.
@@ -476,7 +501,7 @@ def batch_norm(
         y = normalize_with_running_stats(
             x, state, scale, bias, eps=eps, axis=ax, on_stale=on_stale, who=who
         )
-        return y, state
+        return (y, state, None) if return_batch_stats else (y, state)
     stats = batch_statistics(
         x,
         axis=ax,
@@ -502,6 +527,8 @@ def batch_norm(
         unbiased=unbiased_running_var,
         zero_debias=zero_debias,
     )
+    if return_batch_stats:
+        return y, new_state, jax.tree.map(jax.lax.stop_gradient, stats.moments())
     return y, new_state
 
 
@@ -510,7 +537,8 @@ def batch_norm(
 # ---------------------------------------------------------------------------
 
 
-def _is_state(node: Any) -> bool:
+def is_stats_node(node: Any) -> bool:
+    """True for a NamedTuple or mapping with ``mean``, ``var`` and ``count`` entries."""
     if isinstance(node, tuple) and hasattr(node, "_fields"):
         return all(f in node._fields for f in ("mean", "var", "count"))
     if isinstance(node, Mapping):
@@ -571,13 +599,14 @@ def sync_batch_stats(
     """
     check_axis_name(axis_name, "sync_batch_stats")
     return jax.tree_util.tree_map(
-        lambda n: _sync_one(n, axis_name, axis_index_groups) if _is_state(n) else n,
+        lambda n: _sync_one(n, axis_name, axis_index_groups) if is_stats_node(n) else n,
         state,
-        is_leaf=_is_state,
+        is_leaf=is_stats_node,
     )
 
 
 __all__ = [
+    "BatchMoments",
     "BatchNormState",
     "BatchStats",
     "StaleStatisticsError",
@@ -585,6 +614,7 @@ __all__ = [
     "batch_norm",
     "batch_statistics",
     "init_batch_norm_state",
+    "is_stats_node",
     "normalize",
     "sync_batch_stats",
     "update_running_stats",

@@ -113,6 +113,7 @@ def batch_renorm(
     axis_index_groups: Sequence[Sequence[int]] | None = None,
     mask: jax.Array | None = None,
     on_stale: str = "warn",
+    return_batch_stats: bool = False,
 ) -> tuple[jax.Array, BatchRenormState]:
     """Batch renormalization of ``x`` of shape (N, ..., C) (channel axis ``axis``).
 
@@ -127,11 +128,12 @@ def batch_renorm(
       d_max: bound of ``|d|`` (>= 0), a number or a callable of ``state.step``
         (e.g. :func:`paper_d_max`).
       momentum: weight on the OLD running value (PyTorch 0.01 == 0.99 here).
-      eps, axis, axis_name, axis_index_groups, mask, on_stale: as in
-        :func:`norms.batch_norm`.
+      eps, axis, axis_name, axis_index_groups, mask, on_stale, return_batch_stats:
+        as in :func:`norms.batch_norm`.
 
     Returns:
-      ``(y, new_state)``; in train mode ``new_state.step = state.step + 1`` and the
+      ``(y, new_state)`` (plus the batch moments with ``return_batch_stats``); in
+      train mode ``new_state.step = state.step + 1`` and the
       running statistics are updated once (the correction uses the running
       statistics from BEFORE this update).
     """
@@ -143,7 +145,7 @@ def batch_renorm(
         y = normalize_with_running_stats(
             x, state, scale, bias, eps=eps, axis=ax, on_stale=on_stale, who=who
         )
-        return y, state
+        return (y, state, None) if return_batch_stats else (y, state)
     rmax = _limit(r_max, state.step, "r_max", 1.0, who)
     dmax = _limit(d_max, state.step, "d_max", 0.0, who)
     stats = batch_statistics(
@@ -165,7 +167,10 @@ def batch_renorm(
         jax.lax.stop_gradient(stats.run_count),
         momentum=momentum,
     )
-    return y, new_state._replace(step=state.step + 1)
+    new_state = new_state._replace(step=state.step + 1)
+    if return_batch_stats:
+        return y, new_state, jax.tree.map(jax.lax.stop_gradient, stats.moments())
+    return y, new_state
 
 
 __all__ = [
