@@ -1,0 +1,249 @@
+"""Building blocks of normalizer-free networks (flax.linen), channels-last (NHWC).
+
+* :class:`WSConv2D`: convolution with scaled weight standardization (NF nets).
+* :class:`StdConv2D`: convolution with plain weight standardization (GN+WS baselines).
+* :class:`SqueezeExcite`: channel gate in (0, 1), shape ``(N, 1, 1, C)``.
+* :class:`StochasticDepth`: per-example residual-branch drop.
+
+The formulas live in :mod:`norms.weight_standardization`; these modules only hold
+parameters and call them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+import norms
+
+Dtype = Any
+IntPair = int | Sequence[int]
+
+
+def _pair(value: IntPair, what: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    value = tuple(int(v) for v in value)
+    if len(value) != 2:
+        raise ValueError(f"{what} must be an int or a pair of ints, got {value}")
+    return value
+
+
+def _check_groups(in_features: int, features: int, groups: int, who: str) -> None:
+    if groups < 1:
+        raise ValueError(f"{who}: feature_group_count must be >= 1, got {groups}")
+    if in_features % groups:
+        raise ValueError(
+            f"{who}: feature_group_count {groups} does not divide the {in_features} input "
+            "channels; choose a group count that divides both channel counts"
+        )
+    if features % groups:
+        raise ValueError(
+            f"{who}: feature_group_count {groups} does not divide the {features} output "
+            "channels; choose a group count that divides both channel counts"
+        )
+
+
+def _conv(
+    x: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array | None,
+    strides: IntPair,
+    padding: str | Sequence[tuple[int, int]],
+    groups: int,
+    dtype: Dtype | None,
+) -> jax.Array:
+    """NHWC x HWIO convolution in the promoted compute dtype, plus optional bias."""
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=dtype)
+    y = jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=_pair(strides, "strides"),
+        padding=padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups,
+    )
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+class WSConv2D(nn.Module):
+    """2D convolution with scaled weight standardization (Brock et al., 2021).
+
+    ``w_hat = gain * (w - mean) * rsqrt(max(var * fan_in, eps))`` per output channel,
+    mean/var over the HWIO kernel's (H, W, I) axes, ``fan_in = H * W * I`` where
+    ``I`` is the per-group input count for grouped convolutions
+    (``feature_group_count``). Statistics are float32 whatever ``dtype``; the
+    standardized kernel is then cast to the compute dtype.
+
+    Input ``(N, H, W, C_in)``, output ``(N, H', W', features)``.
+
+    Params: ``kernel`` (kh, kw, C_in / groups, features), raw, initialised
+    ``variance_scaling(1, fan_in, normal)``; ``gain`` (features,) init 1;
+    ``bias`` (features,) init 0 when ``use_bias``.
+    """
+
+    features: int
+    kernel_size: IntPair = 3
+    strides: IntPair = 1
+    padding: str | Sequence[tuple[int, int]] = "SAME"
+    feature_group_count: int = 1
+    use_bias: bool = True
+    eps: float = 1e-4
+    kernel_init: Any = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        groups = self.feature_group_count
+        _check_groups(x.shape[-1], self.features, groups, "WSConv2D")
+        kh, kw = _pair(self.kernel_size, "kernel_size")
+        shape = (kh, kw, x.shape[-1] // groups, self.features)
+        kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
+        gain = self.param("gain", nn.initializers.ones, (self.features,), self.param_dtype)
+        bias = (
+            self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
+        w = norms.scaled_weight_standardize(
+            kernel.astype(jnp.float32), gain.astype(jnp.float32), eps=self.eps
+        )
+        return _conv(x, w, bias, self.strides, self.padding, groups, self.dtype)
+
+
+class StdConv2D(nn.Module):
+    """2D convolution with weight standardization (Qiao et al., 2019), for GN+WS.
+
+    ``w_hat = (w - mean) * rsqrt(var + eps)`` per output channel over (H, W, I);
+    statistics float32. No gain (the following norm layer carries the affine).
+    Params: ``kernel`` (HWIO) and optional ``bias``.
+    """
+
+    features: int
+    kernel_size: IntPair = 3
+    strides: IntPair = 1
+    padding: str | Sequence[tuple[int, int]] = "SAME"
+    feature_group_count: int = 1
+    use_bias: bool = False
+    eps: float = 1e-5
+    kernel_init: Any = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        groups = self.feature_group_count
+        _check_groups(x.shape[-1], self.features, groups, "StdConv2D")
+        kh, kw = _pair(self.kernel_size, "kernel_size")
+        shape = (kh, kw, x.shape[-1] // groups, self.features)
+        kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
+        bias = (
+            self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
+        w = norms.weight_standardize(kernel.astype(jnp.float32), eps=self.eps)
+        return _conv(x, w, bias, self.strides, self.padding, groups, self.dtype)
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excite gate (Hu et al., 2018) as in the NFNet reference.
+
+    ``gate = sigmoid(fc1(relu(fc0(mean_{H,W}(x)))))`` with ``fc0: C -> max(1,
+    int(ratio * C))`` and ``fc1: -> C``, both with biases. Returns the gate of shape
+    ``(N, 1, 1, C)``; the caller multiplies (NF blocks use ``2 * gate * x`` so the
+    gate's 0.5 expectation at init keeps the signal's scale). The pooled mean is
+    taken in float32.
+    """
+
+    ratio: float = 0.5
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if not self.ratio > 0:
+            raise ValueError(f"SqueezeExcite: ratio must be > 0, got {self.ratio}")
+        channels = x.shape[-1]
+        hidden = max(1, int(self.ratio * channels))
+        dtype = self.dtype or x.dtype
+        h = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(dtype)
+        h = nn.Dense(hidden, dtype=dtype, param_dtype=self.param_dtype, name="fc0")(h)
+        h = nn.relu(h)
+        h = nn.Dense(channels, dtype=dtype, param_dtype=self.param_dtype, name="fc1")(h)
+        return jax.nn.sigmoid(h)[:, None, None, :]
+
+
+class StochasticDepth(nn.Module):
+    """Stochastic depth (Huang et al., 2016): drops the whole residual branch per example.
+
+    In training each example's branch is kept with probability ``1 - rate`` (a mask
+    of shape ``(N, 1, ..., 1)`` drawn from the ``"dropout"`` rng stream); in eval
+    the input is returned unchanged.
+
+    Rescaling: with ``scale_by_keep=False`` (the default, as in DeepMind's NFNet
+    reference ``StochDepth``) kept branches are *not* divided by ``1 - rate``, so the
+    branch's expected training output is ``(1 - rate)`` times its eval output.
+    ``scale_by_keep=True`` gives the inverted-dropout convention (timm's
+    ``DropPath``), whose expectation matches eval.
+    """
+
+    rate: float
+    scale_by_keep: bool = False
+    rng_collection: str = "dropout"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        if not 0.0 <= self.rate < 1.0:
+            raise ValueError(f"StochasticDepth: rate must be in [0, 1), got {self.rate}")
+        if not train or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        key = self.make_rng(self.rng_collection)
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        mask = jax.random.bernoulli(key, keep, shape).astype(x.dtype)
+        if self.scale_by_keep:
+            x = x / jnp.asarray(keep, x.dtype)
+        return x * mask
+
+
+# --- helpers shared by the model families -------------------------------------------
+
+
+def nf_betas(depths: Sequence[int], alpha: float) -> list[float]:
+    """Per-block input scalings ``beta_i = 1 / expected_std_i`` of an NF network.
+
+    Block ``i`` computes ``h + alpha * f(act(h) * beta_i)``. ``expected_std`` starts
+    at 1 and grows to ``sqrt(expected_std^2 + alpha^2)`` after every block; after a
+    stage's first (transition) block, whose shortcut re-normalizes the signal, it is
+    reset to 1 before that growth, so the next block sees ``1 + alpha^2``.
+    """
+    betas = []
+    expected_std = 1.0
+    for depth in depths:
+        for index in range(depth):
+            betas.append(1.0 / expected_std)
+            if index == 0:
+                expected_std = 1.0
+            expected_std = (expected_std**2 + alpha**2) ** 0.5
+    return betas
+
+
+def check_image(x: jax.Array, min_size: int, who: str) -> None:
+    """Trace-time check that ``x`` is NHWC and at least ``min_size`` in H and W."""
+    if x.ndim != 4:
+        raise ValueError(f"{who}: expected NHWC images (N, H, W, C), got shape {x.shape}")
+    height, width = x.shape[1], x.shape[2]
+    if height < min_size or width < min_size:
+        raise ValueError(
+            f"{who}: input {height}x{width} is too small for the model's stride pattern "
+            f"(total stride {min_size}); the minimum image size is {min_size}x{min_size}. "
+            "Use larger images or a '_small' variant (3x3 stride-1 stem, no max pool)."
+        )
