@@ -27,7 +27,13 @@ from norms.batch_norm import (
     check_state,
     update_running_stats,
 )
-from norms.group_norm import channels_last, check_param, grouped_moments, mask_channels_last
+from norms.group_norm import (
+    channels_last,
+    check_param,
+    grouped_moments,
+    mask_channels_last,
+    per_channel,
+)
 from norms.moments import moments, stats_dtype
 
 
@@ -170,10 +176,10 @@ def evonorm_s0(
     scale = check_param(scale, c, "scale", who, dt)
     bias = check_param(bias, c, "bias", who, dt)
     v = check_param(v, c, "v", who, dt)
-    _, var_g, view = grouped_moments(xl, g)
+    _, var_g = grouped_moments(xl, g)
+    inv = per_channel(jax.lax.rsqrt(var_g + eps), c)
     xf = xl.astype(dt)
-    num = xf * jax.nn.sigmoid(v * xf)
-    y = (num.reshape(view) * jax.lax.rsqrt(var_g + eps)).reshape(xl.shape)
+    y = xf * jax.nn.sigmoid(v * xf) * inv.reshape((xl.shape[0],) + (1,) * (xl.ndim - 2) + (c,))
     if scale is not None:
         y = y * scale
     if bias is not None:

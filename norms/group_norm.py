@@ -6,11 +6,13 @@ Channels-last by default; ``axis`` names the channel axis and is moved last
 internally. Axis 0 is the batch axis; the axes between batch and channel are
 "spatial" (any number, including none).
 
-Statistics run through :func:`norms.moments` on a reshaped ``(N, *spatial, G, C/G)``
-view of ``x`` in one fused reduction, in float32 (or wider), with the biased
-variance. The result is applied as one per-(example, channel) affine map
-``y = x * a + b`` with ``a = scale * rsqrt(var + eps)`` and
-``b = bias - mean * a``, which equals ``(x - mean) * rsqrt(var + eps) * scale + bias``.
+Statistics: :func:`norms.moments` gives the per-(example, channel) moments over
+the spatial axes (channels stay the minor, vectorized axis), and Chan's merge
+(:func:`norms.merge_moments`) combines them exactly over each group's channels;
+float32 (or wider), biased variance. The result is applied as one
+per-(example, channel) affine map ``y = x * a + b`` with
+``a = scale * rsqrt(var + eps)`` and ``b = bias - mean * a``, which equals
+``(x - mean) * rsqrt(var + eps) * scale + bias``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from norms.moments import broadcast_mask, moments, normalize_axes, stats_dtype
+from norms.moments import broadcast_mask, merge_moments, moments, normalize_axes, stats_dtype
 
 
 def channels_last(x: jax.Array, axis: int, who: str) -> tuple[jax.Array, int]:
@@ -85,44 +87,67 @@ def resolve_num_groups(channels: int, num_groups: int | None, group_size: int | 
     return num_groups
 
 
+def instance_moments(
+    x: jax.Array, mask: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-(example, channel) ``(count, mean, M2)`` of channels-last ``x`` ``(N, ..., C)``.
+
+    One call to :func:`norms.moments` over the spatial axes (all but the first and
+    last); each result has shape ``(N, C)``. ``mask`` must already have ``x``'s shape.
+    With no spatial axis every statistic covers one value.
+    """
+    mean, var, count = moments(x, tuple(range(1, x.ndim - 1)), mask=mask)
+    return count, mean, var * count
+
+
 def grouped_moments(
     x: jax.Array, num_groups: int, mask: jax.Array | None = None
-) -> tuple[jax.Array, jax.Array, tuple[int, ...]]:
-    """Per-(example, group) mean and variance of channels-last ``x`` of shape ``(N, ..., C)``.
+) -> tuple[jax.Array, jax.Array]:
+    """Per-(example, group) mean and biased variance of channels-last ``x`` ``(N, ..., C)``.
 
-    The statistics run over ``(*spatial, C / G)`` of the view ``(N, *spatial, G, C/G)``
-    in one call to :func:`norms.moments`; ``mask`` (already broadcast to ``x.shape``)
-    selects the values that count. Returns ``(mean, var, view_shape)`` with ``mean``
-    and ``var`` shaped to broadcast against the view.
+    The statistics of each group of ``C / G`` contiguous channels over the spatial
+    axes: the per-(example, channel) moments from :func:`instance_moments` merged
+    over the group's channels with Chan's formula (:func:`norms.merge_moments`),
+    which is exact (count-weighted under a mask). Reducing over the spatial axes
+    with the channels kept minor is one vectorized pass over ``x`` per moment, and
+    the merge touches only ``(N, C)`` numbers, so this is faster than reducing a
+    reshaped ``(N, *spatial, G, C/G)`` view directly. Returns ``(mean, var)`` of
+    shape ``(N, G)``.
     """
-    c = x.shape[-1]
-    view = x.shape[:-1] + (num_groups, c // num_groups)
-    axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
-    m = None if mask is None else mask.reshape(view)
-    mean, var, _ = moments(x.reshape(view), axes, mask=m, keepdims=True)
-    return mean, var, view
+    n, c = x.shape[0], x.shape[-1]
+    count, mean, m2 = (t.reshape(n, num_groups, c // num_groups) for t in instance_moments(x, mask))
+    count, mean, m2 = merge_moments(count, mean, m2, axis=-1)
+    return mean, m2 / jnp.maximum(count, 1.0)
 
 
-def affine_normalize(
+def per_channel(t: jax.Array, channels: int) -> jax.Array:
+    """Repeats per-group ``(N, G)`` values over each group's ``C / G`` channels: ``(N, C)``."""
+    return jnp.repeat(t, channels // t.shape[-1], axis=-1)
+
+
+def normalize_grouped(
     x: jax.Array,
-    mean: jax.Array,
-    var: jax.Array,
+    num_groups: int,
     scale: jax.Array | None,
     bias: jax.Array | None,
     eps: float,
+    mask: jax.Array | None = None,
 ) -> jax.Array:
-    """``(x - mean) * rsqrt(var + eps) * scale + bias`` as one affine map, in the stats dtype.
+    """Group-normalizes channels-last ``x``; returns the result in the statistics dtype.
 
-    ``x`` has channels last; ``mean``/``var`` broadcast against it; ``scale``/``bias``
-    are ``(C,)`` or ``None``. Returns the result in the statistics dtype.
+    ``y = x * a + b`` with per-(example, channel) ``a = scale * rsqrt(var + eps)``,
+    ``b = bias - mean * a``, i.e. ``(x - mean) * rsqrt(var + eps) * scale + bias``.
     """
-    a = jax.lax.rsqrt(var + eps)
+    n, c = x.shape[0], x.shape[-1]
+    mean, var = grouped_moments(x, num_groups, mask)
+    a = per_channel(jax.lax.rsqrt(var + eps), c)
     if scale is not None:
         a = a * scale
-    b = -mean * a
+    b = -per_channel(mean, c) * a
     if bias is not None:
         b = b + bias
-    return x.astype(a.dtype) * a + b
+    bshape = (n,) + (1,) * (x.ndim - 2) + (c,)
+    return x.astype(a.dtype) * a.reshape(bshape) + b.reshape(bshape)
 
 
 def group_norm(
@@ -165,13 +190,8 @@ def group_norm(
     scale = check_param(scale, c, "scale", who, dt)
     bias = check_param(bias, c, "bias", who, dt)
     m = mask_channels_last(mask, shape, axis, who)
-    mean, var, view = grouped_moments(xl, g, m)
-    if scale is not None:
-        scale = scale.reshape(view[-2:])
-    if bias is not None:
-        bias = bias.reshape(view[-2:])
-    y = affine_normalize(xl.reshape(view), mean, var, scale, bias, eps)
-    return jnp.moveaxis(y.reshape(xl.shape).astype(xl.dtype), -1, axis)
+    y = normalize_grouped(xl, g, scale, bias, eps, m)
+    return jnp.moveaxis(y.astype(xl.dtype), -1, axis)
 
 
 def layer_norm(
@@ -200,8 +220,7 @@ def layer_norm(
     scale = check_param(scale, c, "scale", who, dt)
     bias = check_param(bias, c, "bias", who, dt)
     m = mask_channels_last(mask, shape, axis, who)
-    mean, var, _ = moments(xl, tuple(range(1, xl.ndim)), mask=m, keepdims=True)
-    y = affine_normalize(xl, mean, var, scale, bias, eps)
+    y = normalize_grouped(xl, 1, scale, bias, eps, m)
     return jnp.moveaxis(y.astype(xl.dtype), -1, axis)
 
 
@@ -236,6 +255,5 @@ def instance_norm(
     scale = check_param(scale, c, "scale", who, dt)
     bias = check_param(bias, c, "bias", who, dt)
     m = mask_channels_last(mask, shape, axis, who)
-    mean, var, _ = moments(xl, tuple(range(1, xl.ndim - 1)), mask=m, keepdims=True)
-    y = affine_normalize(xl, mean, var, scale, bias, eps)
+    y = normalize_grouped(xl, c, scale, bias, eps, m)
     return jnp.moveaxis(y.astype(xl.dtype), -1, axis)
