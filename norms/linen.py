@@ -1,0 +1,465 @@
+"""Thin ``flax.linen`` modules over the pure norms, and ``make(name)`` for configs.
+
+Each module owns its parameters and state and calls one pure function of
+:mod:`norms`; the formulas, conventions and argument checks live there.
+
+- Call: ``module(x, *, train=...)``. ``train`` is a REQUIRED keyword for the
+  stateful norms (BatchNorm, BatchRenorm, SwitchableNorm, EvoNormB0) and is never
+  inferred from which collections are mutable. The batch-independent norms accept
+  ``train=None`` (ignored) only so a model can call any norm the same way.
+- State: collection ``"batch_stats"`` with variables ``mean`` (C,) f32, ``var``
+  (C,) f32, ``count`` () int32 (number of running updates), plus ``step`` for
+  BatchRenorm. ``train=True`` needs ``mutable=["batch_stats"]`` in ``apply``.
+  Initialization never updates the statistics (as in flax's BatchNorm) and never
+  warns about them.
+- Params: per-channel (C,) ``scale`` (init ``scale_init``, ones by default; zeros
+  for a zero-initialized residual branch) and ``bias``; FRN adds ``tau`` and, with
+  ``learned_eps=True``, ``eps`` (both (C,)); EvoNorm adds ``v`` (C,) (ones);
+  SwitchableNorm adds ``mean_logits``/``var_logits`` (3,) (zeros: equal weights).
+- Dtypes: statistics and running state in float32; parameters in ``param_dtype``;
+  the output in ``dtype`` (``None``: the input's dtype).
+- PreciseBN: in train mode the batch-norm-like modules ``sow`` their (C,) batch
+  moments (``mean``, ``var``, ``count``) into the ``"batch_moments"`` collection,
+  mirroring the ``"batch_stats"`` tree; only stored when that collection is
+  mutable (see :mod:`norms.precise_bn`).
+
+All modules are channels-last by default (``axis=-1``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from norms.batch_norm import BatchNormState, batch_norm, init_batch_norm_state
+from norms.batch_renorm import BatchRenormState, batch_renorm
+from norms.evo_norm import evonorm_b0, evonorm_s0
+from norms.filter_response_norm import filter_response_norm
+from norms.group_norm import group_norm, instance_norm, layer_norm
+from norms.moments import moments
+from norms.switchable_norm import switchable_norm
+
+Initializer = Callable[..., jax.Array]
+Dtype = Any
+
+
+class _Affine(nn.Module):
+    """Shared fields: optional per-channel scale/bias and the dtypes."""
+
+    use_scale: bool = True
+    use_bias: bool = True
+    scale_init: Initializer = nn.initializers.ones
+    bias_init: Initializer = nn.initializers.zeros
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    def channel_param(self, name: str, init: Initializer, c: int) -> jax.Array:
+        return self.param(name, init, (c,), self.param_dtype)
+
+    def affine(self, c: int) -> tuple[jax.Array | None, jax.Array | None]:
+        scale = self.channel_param("scale", self.scale_init, c) if self.use_scale else None
+        bias = self.channel_param("bias", self.bias_init, c) if self.use_bias else None
+        return scale, bias
+
+    def out(self, y: jax.Array) -> jax.Array:
+        return y if self.dtype is None else y.astype(self.dtype)
+
+
+class _Stateful(_Affine):
+    """Shared plumbing of the norms with running statistics in ``batch_stats``."""
+
+    def running_state(self, c: int, *, with_step: bool = False):
+        init = init_batch_norm_state(c)
+        mean = self.variable("batch_stats", "mean", lambda: init.mean)
+        var = self.variable("batch_stats", "var", lambda: init.var)
+        count = self.variable("batch_stats", "count", lambda: init.count)
+        vs = [mean, var, count]
+        if with_step:
+            vs.append(self.variable("batch_stats", "step", lambda: jnp.zeros((), jnp.int32)))
+            return vs, BatchRenormState(*(v.value for v in vs))
+        return vs, BatchNormState(*(v.value for v in vs))
+
+    def check_train(self, train) -> None:
+        if not isinstance(train, bool):
+            raise ValueError(
+                f"{type(self).__name__}: train must be True or False (given explicitly, "
+                f"never inferred), got {train!r}"
+            )
+        if train and not self.is_initializing() and not self.is_mutable_collection("batch_stats"):
+            raise ValueError(
+                f"{type(self).__name__}: train=True updates the running statistics; call "
+                "apply(..., mutable=['batch_stats']) (or pass train=False for eval/frozen)."
+            )
+
+    def on_stale_now(self, on_stale: str) -> str:
+        return "ignore" if self.is_initializing() else on_stale
+
+    def write_state(self, train: bool, variables, new_state) -> None:
+        if train and not self.is_initializing():
+            for v, value in zip(variables, new_state, strict=True):
+                v.value = value
+
+    def sow_moments(self, train: bool, mean, var, count) -> None:
+        if train and not self.is_initializing():
+            for key, value in (("mean", mean), ("var", var), ("count", count)):
+                self.sow("batch_moments", key, value, init_fn=lambda: None, reduce_fn=_latest)
+
+    def wants_moments(self, train: bool) -> bool:
+        return train and not self.is_initializing() and self.is_mutable_collection("batch_moments")
+
+    def sow_batch_moments_of(self, x, axis, axis_name, axis_index_groups, mask) -> None:
+        """Sows per-channel batch moments of ``x`` (for modules whose function hides them)."""
+        ax = axis % x.ndim
+        mean, var, count = moments(
+            x,
+            tuple(a for a in range(x.ndim) if a != ax),
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            mask=mask,
+        )
+        stop = jax.lax.stop_gradient
+        self.sow_moments(True, stop(mean), stop(var), stop(count))
+
+
+def _latest(_, new):
+    return new
+
+
+class BatchNorm(_Stateful):
+    """Batch norm (:func:`norms.batch_norm`); ``momentum`` is the weight on the old value.
+
+    ``train=False`` is eval and also frozen BN for fine-tuning (running statistics
+    used, not updated; gradients flow).
+    """
+
+    momentum: float = 0.9
+    eps: float = 1e-5
+    axis: int = -1
+    axis_name: str | tuple[str, ...] | None = None
+    axis_index_groups: Sequence[Sequence[int]] | None = None
+    ghost_batch_size: int | None = None
+    unbiased_running_var: bool = False
+    zero_debias: bool = False
+    on_stale: str = "warn"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool, mask: jax.Array | None = None) -> jax.Array:
+        self.check_train(train)
+        c = x.shape[self.axis]
+        variables, state = self.running_state(c)
+        scale, bias = self.affine(c)
+        y, new_state, batch_moments = batch_norm(
+            x,
+            state,
+            scale,
+            bias,
+            train=train,
+            momentum=self.momentum,
+            eps=self.eps,
+            axis=self.axis,
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            mask=mask,
+            ghost_batch_size=self.ghost_batch_size,
+            unbiased_running_var=self.unbiased_running_var,
+            zero_debias=self.zero_debias,
+            on_stale=self.on_stale_now(self.on_stale),
+            return_batch_stats=True,
+        )
+        self.write_state(train, variables, new_state)
+        if train:
+            self.sow_moments(train, *batch_moments)
+        return self.out(y)
+
+
+class BatchRenorm(_Stateful):
+    """Batch renorm (:func:`norms.batch_renorm`); ``r_max``/``d_max`` numbers or schedules.
+
+    The schedules are called with the ``step`` kept in ``batch_stats``.
+    """
+
+    r_max: float | Callable[[jax.Array], jax.Array] = 3.0
+    d_max: float | Callable[[jax.Array], jax.Array] = 5.0
+    momentum: float = 0.99
+    eps: float = 1e-5
+    axis: int = -1
+    axis_name: str | tuple[str, ...] | None = None
+    axis_index_groups: Sequence[Sequence[int]] | None = None
+    on_stale: str = "warn"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool, mask: jax.Array | None = None) -> jax.Array:
+        self.check_train(train)
+        c = x.shape[self.axis]
+        variables, state = self.running_state(c, with_step=True)
+        scale, bias = self.affine(c)
+        y, new_state, batch_moments = batch_renorm(
+            x,
+            state,
+            scale,
+            bias,
+            train=train,
+            r_max=self.r_max,
+            d_max=self.d_max,
+            momentum=self.momentum,
+            eps=self.eps,
+            axis=self.axis,
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            mask=mask,
+            on_stale=self.on_stale_now(self.on_stale),
+            return_batch_stats=True,
+        )
+        self.write_state(train, variables, new_state)
+        if train:
+            self.sow_moments(train, *batch_moments)
+        return self.out(y)
+
+
+class SwitchableNorm(_Stateful):
+    """Switchable norm (:func:`norms.switchable_norm`); BN-branch state in ``batch_stats``."""
+
+    momentum: float = 0.9
+    eps: float = 1e-5
+    axis: int = -1
+    axis_name: str | tuple[str, ...] | None = None
+    axis_index_groups: Sequence[Sequence[int]] | None = None
+    on_stale: str = "warn"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool, mask: jax.Array | None = None) -> jax.Array:
+        self.check_train(train)
+        c = x.shape[self.axis]
+        variables, state = self.running_state(c)
+        scale, bias = self.affine(c)
+        mean_logits = self.param("mean_logits", nn.initializers.zeros, (3,), self.param_dtype)
+        var_logits = self.param("var_logits", nn.initializers.zeros, (3,), self.param_dtype)
+        y, new_state = switchable_norm(
+            x,
+            state,
+            scale,
+            bias,
+            mean_logits,
+            var_logits,
+            train=train,
+            momentum=self.momentum,
+            eps=self.eps,
+            axis=self.axis,
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            mask=mask,
+            on_stale=self.on_stale_now(self.on_stale),
+        )
+        self.write_state(train, variables, new_state)
+        if self.wants_moments(train):
+            self.sow_batch_moments_of(x, self.axis, self.axis_name, self.axis_index_groups, mask)
+        return self.out(y)
+
+
+class EvoNormB0(_Stateful):
+    """EvoNorm-B0 (:func:`norms.evonorm_b0`); per-channel ``v`` (init 1), running var."""
+
+    momentum: float = 0.9
+    eps: float = 1e-5
+    axis: int = -1
+    axis_name: str | tuple[str, ...] | None = None
+    axis_index_groups: Sequence[Sequence[int]] | None = None
+    on_stale: str = "warn"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool, mask: jax.Array | None = None) -> jax.Array:
+        self.check_train(train)
+        c = x.shape[self.axis]
+        variables, state = self.running_state(c)
+        scale, bias = self.affine(c)
+        v = self.channel_param("v", nn.initializers.ones, c)
+        y, new_state = evonorm_b0(
+            x,
+            state,
+            scale,
+            bias,
+            v,
+            train=train,
+            momentum=self.momentum,
+            eps=self.eps,
+            axis=self.axis,
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            mask=mask,
+            on_stale=self.on_stale_now(self.on_stale),
+        )
+        self.write_state(train, variables, new_state)
+        if self.wants_moments(train):
+            self.sow_batch_moments_of(x, self.axis, self.axis_name, self.axis_index_groups, mask)
+        return self.out(y)
+
+
+class GroupNorm(_Affine):
+    """Group norm (:func:`norms.group_norm`); ``train`` accepted and ignored."""
+
+    num_groups: int | None = None
+    group_size: int | None = None
+    eps: float = 1e-5
+    axis: int = -1
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool | None = None, mask=None) -> jax.Array:
+        del train  # batch-independent: accepted only for a uniform call signature
+        scale, bias = self.affine(x.shape[self.axis])
+        y = group_norm(
+            x,
+            scale,
+            bias,
+            num_groups=self.num_groups,
+            group_size=self.group_size,
+            eps=self.eps,
+            axis=self.axis,
+            mask=mask,
+        )
+        return self.out(y)
+
+
+class LayerNorm(_Affine):
+    """Layer norm over all non-batch axes (:func:`norms.layer_norm`); ``train`` ignored."""
+
+    eps: float = 1e-5
+    axis: int = -1
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool | None = None, mask=None) -> jax.Array:
+        del train  # batch-independent: accepted only for a uniform call signature
+        scale, bias = self.affine(x.shape[self.axis])
+        return self.out(layer_norm(x, scale, bias, eps=self.eps, axis=self.axis, mask=mask))
+
+
+class InstanceNorm(_Affine):
+    """Instance norm (:func:`norms.instance_norm`); ``train`` ignored."""
+
+    eps: float = 1e-5
+    axis: int = -1
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool | None = None, mask=None) -> jax.Array:
+        del train  # batch-independent: accepted only for a uniform call signature
+        scale, bias = self.affine(x.shape[self.axis])
+        return self.out(instance_norm(x, scale, bias, eps=self.eps, axis=self.axis, mask=mask))
+
+
+class FilterResponseNorm(_Affine):
+    """FRN + TLU (:func:`norms.filter_response_norm`); ``train`` ignored.
+
+    ``tau`` (C,) init 0 when ``use_tau``; ``learned_eps=True`` adds an ``eps`` (C,)
+    param initialised to ``learned_eps_init`` (effective eps ``|eps| + |eps_l|``).
+    """
+
+    eps: float = 1e-6
+    use_tau: bool = True
+    learned_eps: bool = False
+    learned_eps_init: float = 1e-4
+    axis: int = -1
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool | None = None) -> jax.Array:
+        del train  # batch-independent: accepted only for a uniform call signature
+        c = x.shape[self.axis]
+        scale, bias = self.affine(c)
+        tau = self.channel_param("tau", nn.initializers.zeros, c) if self.use_tau else None
+        eps_l = (
+            self.channel_param("eps", nn.initializers.constant(self.learned_eps_init), c)
+            if self.learned_eps
+            else None
+        )
+        y = filter_response_norm(
+            x, scale, bias, tau, eps=self.eps, learned_eps=eps_l, axis=self.axis
+        )
+        return self.out(y)
+
+
+class EvoNormS0(_Affine):
+    """EvoNorm-S0 (:func:`norms.evonorm_s0`); per-channel ``v`` (init 1); ``train`` ignored."""
+
+    num_groups: int = 32
+    eps: float = 1e-5
+    axis: int = -1
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool | None = None) -> jax.Array:
+        del train  # batch-independent: accepted only for a uniform call signature
+        c = x.shape[self.axis]
+        scale, bias = self.affine(c)
+        v = self.channel_param("v", nn.initializers.ones, c)
+        y = evonorm_s0(x, scale, bias, v, num_groups=self.num_groups, eps=self.eps, axis=self.axis)
+        return self.out(y)
+
+
+class Identity(nn.Module):
+    """No normalization (``make("none")``); ``train`` and ``mask`` accepted and ignored."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool | None = None, mask=None) -> jax.Array:
+        del train, mask
+        return x
+
+
+_MODULES: dict[str, type[nn.Module]] = {
+    "batch_norm": BatchNorm,
+    "batch_renorm": BatchRenorm,
+    "group_norm": GroupNorm,
+    "layer_norm": LayerNorm,
+    "instance_norm": InstanceNorm,
+    "frn": FilterResponseNorm,
+    "switchable_norm": SwitchableNorm,
+    "evonorm_b0": EvoNormB0,
+    "evonorm_s0": EvoNormS0,
+    "none": Identity,
+}
+
+NORM_NAMES: tuple[str, ...] = tuple(_MODULES)
+
+
+def module_fields(cls: type[nn.Module]) -> tuple[str, ...]:
+    """Keyword arguments ``make`` accepts for a module class (``name`` included)."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.name != "parent")
+
+
+def make(name: str, /, **kwargs) -> nn.Module:
+    """The norm module registered as ``name`` (one of :data:`NORM_NAMES`).
+
+    ``name`` is positional-only, so ``kwargs`` can carry the submodule's own
+    ``name=``; the other ``kwargs`` are module fields (``momentum``, ``eps``,
+    ``axis_name``, ...). Call it inside a parent's ``@nn.compact``.
+    Unknown names or fields raise ValueError listing the valid ones.
+    """
+    if name not in _MODULES:
+        raise ValueError(f"unknown norm {name!r}; choose one of {', '.join(NORM_NAMES)}")
+    cls = _MODULES[name]
+    valid = module_fields(cls)
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"norm {name!r} ({cls.__name__}) has no field(s) {unknown}; valid fields: "
+            f"{', '.join(valid)}"
+        )
+    return cls(**kwargs)
+
+
+__all__ = [
+    "NORM_NAMES",
+    "BatchNorm",
+    "BatchRenorm",
+    "EvoNormB0",
+    "EvoNormS0",
+    "FilterResponseNorm",
+    "GroupNorm",
+    "Identity",
+    "InstanceNorm",
+    "LayerNorm",
+    "SwitchableNorm",
+    "make",
+    "module_fields",
+]
