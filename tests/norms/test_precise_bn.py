@@ -1,13 +1,17 @@
 """PreciseBN: merged batch moments equal float64 statistics of the concatenated data."""
 
+import warnings
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from norms import batch_norm, init_batch_norm_state
+from norms import linen as L
 from norms.precise_bn import apply_recomputed_stats, recompute_batch_stats
-from tests.norms.test_batch_norm import rand, ref_group_stats
+from tests.norms.test_batch_norm import rand, ref_bn_train, ref_group_stats
 
 C = 3
 
@@ -92,3 +96,39 @@ def test_synced_moments_over_8_devices_cover_every_device():
 def test_no_batches_is_an_error():
     with pytest.raises(ValueError, match="yielded no batch"):
         recompute_batch_stats(lambda b: b, [])
+
+
+def test_flax_model_batch_moments_recompute_and_apply():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, *, train):
+            x = L.BatchNorm(name="bn1")(x, train=train)
+            x = nn.Dense(C, name="dense")(x)
+            return L.BatchNorm(name="bn2")(x, train=train)
+
+    model = Net()
+    batches = uneven_batches()
+    variables = model.init(jax.random.key(0), batches[0], train=False)
+
+    @jax.jit
+    def stats_fn(batch):
+        _, state = model.apply(
+            variables, batch, train=True, mutable=["batch_stats", "batch_moments"]
+        )
+        return state["batch_moments"]
+
+    rec = recompute_batch_stats(stats_fn, batches)
+    rm1, rv1, _ = ref_group_stats(np.concatenate(batches))
+    np.testing.assert_allclose(rec["bn1"]["mean"], rm1, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rec["bn1"]["var"], rv1, rtol=1e-5)
+    dense = variables["params"]["dense"]
+    k, b = np.float64(dense["kernel"]), np.float64(dense["bias"])
+    h = np.concatenate([ref_bn_train(x)[0] @ k + b for x in batches])  # train-mode bn1 per batch
+    rm2, rv2, _ = ref_group_stats(h)
+    np.testing.assert_allclose(rec["bn2"]["mean"], rm2, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(rec["bn2"]["var"], rv2, rtol=1e-4)
+    new_stats = apply_recomputed_stats(variables["batch_stats"], rec)
+    np.testing.assert_allclose(new_stats["bn1"]["var"], rv1, rtol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the recomputed statistics count as updated
+        model.apply({**variables, "batch_stats": new_stats}, batches[0], train=False)
