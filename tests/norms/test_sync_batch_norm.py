@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 from norms import batch_norm, init_batch_norm_state, sync_batch_stats
 from norms.batch_norm import BatchNormState
-from tests.norms.test_batch_norm import ref_bn_train, ref_running
+from tests.norms.test_batch_norm import rand, ref_bn_train, ref_running
 
 D, B, C = 8, 3, 4
 
@@ -201,3 +201,25 @@ def test_sync_batch_stats_with_no_updates_weighs_devices_equally():
 def test_sync_batch_stats_outside_pmap_names_the_axis():
     with pytest.raises(ValueError, match="axis_name='batch'"):
         sync_batch_stats(init_batch_norm_state(3), "batch")
+
+
+def test_ghost_batches_with_axis_name_pool_the_same_run_across_devices():
+    x = rand((D, 4, C), 6, 1.0, 2.0) + np.arange(4, dtype=np.float32)[None, :, None]
+    state = init_batch_norm_state(C)
+    f = jax.pmap(
+        lambda x: batch_norm(x, state, train=True, axis_name="d", ghost_batch_size=2),
+        axis_name="d",
+    )
+    y, st = f(x)
+    for j in range(2):  # ghost batch j = examples 2j, 2j+1 of every device
+        run = x[:, 2 * j : 2 * j + 2].reshape(-1, C)
+        ry, _ = ref_bn_train(run)
+        np.testing.assert_allclose(
+            np.asarray(y)[:, 2 * j : 2 * j + 2].reshape(-1, C), ry, rtol=1e-4, atol=1e-5
+        )
+    _, stats = ref_bn_train(
+        np.concatenate([x[:, 0:2].reshape(-1, C), x[:, 2:4].reshape(-1, C)]), ghost=2 * D
+    )
+    rm, rv = ref_running(np.zeros(C), np.ones(C), stats, 0.9)
+    np.testing.assert_allclose(np.asarray(st.var)[0], rv, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(st.mean)[5], rm, rtol=1e-5, atol=1e-6)
