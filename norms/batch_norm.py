@@ -147,6 +147,19 @@ def _channel_shape(ndim: int, axis: int, num_channels: int) -> tuple[int, ...]:
 # ---------------------------------------------------------------------------
 
 
+class BatchMoments(NamedTuple):
+    """(C,) batch moments of one training call, as used for the running update.
+
+    ``count`` is the total number of values behind each statistic (over devices,
+    masks applied, summed over ghost batches), the weight for merging calls
+    (:func:`norms.recompute_batch_stats`).
+    """
+
+    mean: jax.Array
+    var: jax.Array
+    count: jax.Array
+
+
 class BatchStats(NamedTuple):
     """Batch statistics of one call.
 
@@ -166,19 +179,6 @@ class BatchStats(NamedTuple):
     def moments(self) -> BatchMoments:
         """(C,) moments of the whole call: run_mean, run_var and the total count."""
         return BatchMoments(self.run_mean, self.run_var, self.count)
-
-
-class BatchMoments(NamedTuple):
-    """(C,) batch moments of one training call, as used for the running update.
-
-    ``count`` is the total number of values behind each statistic (over devices,
-    masks applied, summed over ghost batches), the weight for merging calls
-    (:func:`norms.recompute_batch_stats`).
-    """
-
-    mean: jax.Array
-    var: jax.Array
-    count: jax.Array
 
 
 def batch_statistics(
