@@ -1,0 +1,166 @@
+"""NF-ResNets: normalizer-free pre-activation bottleneck ResNets (Brock et al., 2021a).
+
+Stem: 7x7 stride-2 WS conv to ``stem_width`` (64) + 3x3 stride-2 max pool (the
+``small`` stem is one 3x3 stride-1 WS conv, no pool). Stages: bottleneck blocks,
+widths :data:`NF_RESNET_WIDTHS`, depths from :data:`NF_RESNET_DEPTHS`, strides
+(1, 2, 2, 2). Block (output width W, mid ``W / 4``)::
+
+    a = act(h) * beta
+    f = conv1x1(W/4) -> act -> conv3x3(W/4, stride) -> act -> conv1x1(W)
+    f = 2 * se(f) * f                      # only when se_ratio > 0
+    shortcut = h, or conv1x1(a, stride) on a stage's first block
+    out = shortcut + alpha * skip_gain * stochastic_depth(f)
+
+``act`` is gamma-scaled ReLU (published gamma), ``alpha = 0.2``, ``beta`` from
+:func:`nfnets.layers.nf_betas`, ``skip_gain`` (SkipInit) a scalar initialised to 0.
+Head: act, global average pool, dropout, dense ``"head"`` N(0, 0.01).
+NF-ResNet-50 has 25.56M parameters (every WS conv's gain+bias replaces the
+BN scale+bias of the normalized ResNet-50, plus one skip gain per block).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from nfnets.activations import scaled_activation
+from nfnets.layers import SqueezeExcite, StochasticDepth, WSConv2D, check_image, nf_betas
+
+NF_RESNET_WIDTHS = (256, 512, 1024, 2048)
+NF_RESNET_DEPTHS: dict[int, tuple[int, int, int, int]] = {
+    26: (2, 2, 2, 2),
+    50: (3, 4, 6, 3),
+    101: (3, 4, 23, 3),
+    152: (3, 8, 36, 3),
+    200: (3, 24, 36, 3),
+}
+STAGE_STRIDES = (1, 2, 2, 2)
+
+
+class NFResNetBlock(nn.Module):
+    """Pre-activation NF bottleneck block; (N, H, W, C_in) -> (N, H/stride, W/stride, W)."""
+
+    features: int
+    mid: int
+    stride: int
+    beta: float
+    alpha: float
+    se_ratio: float
+    stochastic_depth: float
+    activation: str
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        act = scaled_activation(self.activation)
+        conv = lambda *a, **k: WSConv2D(*a, dtype=self.dtype, **k)
+        out = act(x) * jnp.asarray(self.beta, x.dtype)
+        if self.stride > 1 or x.shape[-1] != self.features:
+            shortcut = conv(self.features, 1, strides=self.stride, name="conv_shortcut")(out)
+        else:
+            shortcut = x
+        f = conv(self.mid, 1, name="conv0")(out)
+        f = conv(self.mid, 3, strides=self.stride, name="conv1")(act(f))
+        f = conv(self.features, 1, name="conv2")(act(f))
+        if self.se_ratio > 0:
+            f = 2.0 * SqueezeExcite(self.se_ratio, dtype=self.dtype, name="se")(f) * f
+        self.sow("intermediates", "branch_out", f)
+        f = StochasticDepth(self.stochastic_depth, name="stochastic_depth")(f, train=train)
+        gain = self.param("skip_gain", nn.initializers.zeros, (), jnp.float32)
+        out = shortcut + (self.alpha * gain).astype(f.dtype) * f
+        self.sow("intermediates", "block_out", out)
+        return out
+
+
+def check_nf_resnet_config(model: NFResNet) -> None:
+    """Validates widths/depths; errors name the offending values."""
+    if len(model.widths) != len(model.depths):
+        raise ValueError(
+            f"NFResNet: widths {tuple(model.widths)} and depths {tuple(model.depths)} must "
+            "have one entry per stage"
+        )
+    if len(model.depths) > len(STAGE_STRIDES):
+        raise ValueError(f"NFResNet: at most {len(STAGE_STRIDES)} stages, got {len(model.depths)}")
+    if any(d < 1 for d in model.depths):
+        raise ValueError(f"NFResNet: every stage depth must be >= 1, got {tuple(model.depths)}")
+    for width in model.widths:
+        if int(width * model.bottleneck_ratio) < 1:
+            raise ValueError(
+                f"NFResNet: stage width {width} x bottleneck_ratio {model.bottleneck_ratio} "
+                "leaves no channels"
+            )
+
+
+class NFResNet(nn.Module):
+    """NF-ResNet (module docstring). ``__call__(images (N,H,W,C), *, train) -> (N, classes)``.
+
+    Logits float32 whatever the compute ``dtype``; params float32. Stochastic depth
+    (default 0.1 max rate, as in the reference) and dropout use the ``"dropout"``
+    rng stream.
+    """
+
+    num_classes: int = 1000
+    depths: Sequence[int] = NF_RESNET_DEPTHS[50]
+    widths: Sequence[int] = NF_RESNET_WIDTHS
+    stem_width: int = 64
+    bottleneck_ratio: float = 0.25
+    se_ratio: float = 0.0
+    alpha: float = 0.2
+    activation: str = "relu"
+    stochastic_depth: float = 0.1
+    dropout: float = 0.0
+    small: bool = False
+    dtype: Any = jnp.float32
+
+    @property
+    def min_image_size(self) -> int:
+        """Total stride of stem and stages: the smallest H and W the model accepts."""
+        stride = 1 if self.small else 4
+        for s in STAGE_STRIDES[: len(self.depths)]:
+            stride *= s
+        return stride
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        check_nf_resnet_config(self)
+        check_image(x, self.min_image_size, "NFResNet")
+        act = scaled_activation(self.activation)
+        x = x.astype(self.dtype)
+        if self.small:
+            h = WSConv2D(self.stem_width, 3, dtype=self.dtype, name="stem_conv")(x)
+        else:
+            h = WSConv2D(self.stem_width, 7, strides=2, dtype=self.dtype, name="stem_conv")(x)
+            h = nn.max_pool(h, (3, 3), strides=(2, 2), padding="SAME")
+
+        betas = nf_betas(self.depths, self.alpha)
+        num_blocks = sum(self.depths)
+        index = 0
+        for stage, (width, depth) in enumerate(zip(self.widths, self.depths, strict=True)):
+            for block in range(depth):
+                h = NFResNetBlock(
+                    features=width,
+                    mid=int(width * self.bottleneck_ratio),
+                    stride=STAGE_STRIDES[stage] if block == 0 else 1,
+                    beta=betas[index],
+                    alpha=self.alpha,
+                    se_ratio=self.se_ratio,
+                    stochastic_depth=self.stochastic_depth * index / num_blocks,
+                    activation=self.activation,
+                    dtype=self.dtype,
+                    name=f"stage{stage}_block{block}",
+                )(h, train=train)
+                index += 1
+
+        pooled = jnp.mean(act(h).astype(jnp.float32), axis=(1, 2))
+        pooled = nn.Dropout(self.dropout)(pooled, deterministic=not train)
+        logits = nn.Dense(
+            self.num_classes,
+            kernel_init=nn.initializers.normal(0.01),
+            dtype=self.dtype,
+            name="head",
+        )(pooled.astype(self.dtype))
+        return logits.astype(jnp.float32)
