@@ -43,10 +43,13 @@ def assert_grads_match(fn, ref_fn, args, *, seed=0, rtol=2e-3, atol=2e-4):
     ``r`` is a fixed random cotangent so every output element matters.
     """
     args32 = [jnp.asarray(a, jnp.float32) for a in args]
-    out = fn(*args32)
+    out = jax.eval_shape(fn, *args32)
     cot = np.random.default_rng(seed).normal(size=out.shape)
-    grads = jax.grad(
-        lambda *a: jnp.sum(fn(*a) * jnp.asarray(cot, jnp.float32)), argnums=tuple(range(len(args)))
+    grads = jax.jit(
+        jax.grad(
+            lambda *a: jnp.sum(fn(*a) * jnp.asarray(cot, jnp.float32)),
+            argnums=tuple(range(len(args))),
+        )
     )(*args32)
     expected = numeric_grads(ref_fn, [np.asarray(a, np.float64) for a in args32], cot)
     for i, (g, e) in enumerate(zip(grads, expected, strict=True)):
