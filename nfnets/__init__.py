@@ -7,6 +7,15 @@ from nfnets.activations import (
     scaled_activation,
 )
 from nfnets.layers import SqueezeExcite, StdConv2D, StochasticDepth, WSConv2D
+from nfnets.optim import (
+    adaptive_grad_clip,
+    agc_mask,
+    ema_decay_nfnet,
+    make_optimizer,
+    smoothed_cross_entropy,
+    update_ema,
+    weight_decay_mask,
+)
 from nfnets.registry import MODEL_NAMES, create_model
 
 __all__ = [
@@ -18,6 +27,13 @@ __all__ = [
     "StochasticDepth",
     "WSConv2D",
     "activation_gamma",
+    "adaptive_grad_clip",
+    "agc_mask",
     "create_model",
+    "ema_decay_nfnet",
+    "make_optimizer",
     "scaled_activation",
+    "smoothed_cross_entropy",
+    "update_ema",
+    "weight_decay_mask",
 ]

@@ -21,6 +21,11 @@ with depth; a batch-normalized pre-activation ResNet's grows linearly within a s
 Command line (writes a 3-panel PNG and prints progress):
 
     python -m nfnets.signal_propagation --models nf_resnet50,resnet50_v2 --out docs/spp.png
+
+`docs/spp.png` (NF-ResNet-50 vs the batch-normalized pre-activation ResNet-50 vs the
+unnormalized SkipInit ResNet-50) comes from `--models
+nf_resnet50,resnet50_v2,resnet50_skipinit --batch 8 --size 128` (about a minute on two
+CPU cores, mostly XLA compilation).
 """
 
 from __future__ import annotations
@@ -285,7 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         results,
         args.out,
         title=f"Signal propagation at init: N(0,1) inputs, batch {args.batch}, "
-        f"{args.size}x{args.size}, SkipInit gains = {args.skipinit_gain}",
+        f"{args.size}x{args.size}; SkipInit gains set to {args.skipinit_gain} where present; "
+        "batch norm uses batch statistics",
     )
     print(f"wrote {args.out}")
     return 0
