@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from norms.batch_norm import (
+    BatchMoments,
     BatchNormState,
     check_eps,
     check_momentum,
@@ -59,6 +60,7 @@ def evonorm_b0(
     axis_index_groups: Sequence[Sequence[int]] | None = None,
     mask: jax.Array | None = None,
     on_stale: str = "warn",
+    return_batch_stats: bool = False,
 ) -> tuple[jax.Array, BatchNormState]:
     """EvoNorm-B0 of ``x`` of shape ``(N, *spatial, C)``.
 
@@ -80,8 +82,12 @@ def evonorm_b0(
       mask: optional boolean broadcastable to ``x``: values that enter the batch and
         instance variances.
       on_stale: "warn" | "error" | "ignore" for eval with never-updated statistics.
+      return_batch_stats: also return the batch :class:`~norms.batch_norm.BatchMoments`
+        (``(C,)`` mean, biased var, count; ``None`` in eval), e.g. for
+        :func:`norms.recompute_batch_stats`.
 
-    Returns ``(y, new_state)``; ``y`` in ``x``'s dtype.
+    Returns ``(y, new_state)`` (plus the batch moments with ``return_batch_stats``);
+    ``y`` in ``x``'s dtype.
     """
     who = "evonorm_b0"
     shape = jnp.shape(x)
@@ -110,15 +116,13 @@ def evonorm_b0(
             axis_index_groups=axis_index_groups,
             mask=m,
         )
-        new_state = update_running_stats(
-            state,
-            *(jax.lax.stop_gradient(t) for t in (mean_b, var_b, cnt_b)),
-            momentum=momentum,
-        )
+        batch_moments = BatchMoments(*(jax.lax.stop_gradient(t) for t in (mean_b, var_b, cnt_b)))
+        new_state = update_running_stats(state, *batch_moments, momentum=momentum)
     else:
         check_stale(state.count, on_stale, who)
         var_b = state.var.astype(dt)
         new_state = state
+        batch_moments = None
     _, var_i, _ = moments(xl, tuple(range(1, xl.ndim - 1)), mask=m, keepdims=True)
     xf = xl.astype(dt)
     den = jnp.maximum(jnp.sqrt(var_b + eps), v * xf + jnp.sqrt(var_i + eps))
@@ -127,7 +131,8 @@ def evonorm_b0(
         y = y * scale
     if bias is not None:
         y = y + bias
-    return jnp.moveaxis(y.astype(xl.dtype), -1, axis), new_state
+    y = jnp.moveaxis(y.astype(xl.dtype), -1, axis)
+    return (y, new_state, batch_moments) if return_batch_stats else (y, new_state)
 
 
 def evonorm_s0_groups(channels: int, num_groups: int = 32) -> int:

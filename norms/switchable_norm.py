@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from norms.batch_norm import (
+    BatchMoments,
     BatchNormState,
     check_eps,
     check_momentum,
@@ -62,6 +63,7 @@ def switchable_norm(
     axis_index_groups: Sequence[Sequence[int]] | None = None,
     mask: jax.Array | None = None,
     on_stale: str = "warn",
+    return_batch_stats: bool = False,
 ) -> tuple[jax.Array, BatchNormState]:
     """Switchable norm of ``x`` of shape ``(N, *spatial, C)`` (at least one spatial axis).
 
@@ -82,8 +84,12 @@ def switchable_norm(
       mask: optional boolean, broadcastable to ``x``; masked values enter no
         statistic (all three are count-weighted).
       on_stale: "warn" | "error" | "ignore" for eval with never-updated statistics.
+      return_batch_stats: also return the BN branch's
+        :class:`~norms.batch_norm.BatchMoments` (``(C,)`` mean, biased var, count;
+        ``None`` in eval), e.g. for :func:`norms.recompute_batch_stats`.
 
-    Returns ``(y, new_state)``, ``y`` in ``x``'s dtype, statistics in float32.
+    Returns ``(y, new_state)`` (plus the batch moments with ``return_batch_stats``),
+    ``y`` in ``x``'s dtype, statistics in float32.
     """
     who = "switchable_norm"
     shape = jnp.shape(x)
@@ -125,16 +131,16 @@ def switchable_norm(
             cnt_bn, mean_bn, m2_bn, axis_name, axis_index_groups
         )
         var_bn = m2_bn / jnp.maximum(cnt_bn, 1.0)
-        new_state = update_running_stats(
-            state,
-            *(jax.lax.stop_gradient(t.reshape(-1)) for t in (mean_bn, var_bn, cnt_bn)),
-            momentum=momentum,
+        batch_moments = BatchMoments(
+            *(jax.lax.stop_gradient(t.reshape(-1)) for t in (mean_bn, var_bn, cnt_bn))
         )
+        new_state = update_running_stats(state, *batch_moments, momentum=momentum)
     else:
         check_stale(state.count, on_stale, who)
         mean_bn = state.mean.astype(dt)
         var_bn = state.var.astype(dt)
         new_state = state
+        batch_moments = None
 
     mean = w[0] * mean_in + w[1] * mean_ln + w[2] * mean_bn
     var = wv[0] * var_in + wv[1] * var_ln + wv[2] * var_bn
@@ -145,4 +151,5 @@ def switchable_norm(
     if bias is not None:
         b = b + bias
     y = xl.astype(dt) * a + b
-    return jnp.moveaxis(y.astype(xl.dtype), -1, axis), new_state
+    y = jnp.moveaxis(y.astype(xl.dtype), -1, axis)
+    return (y, new_state, batch_moments) if return_batch_stats else (y, new_state)

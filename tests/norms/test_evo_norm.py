@@ -57,6 +57,10 @@ def test_b0_train_and_running_variance_match_paper_formula():
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(new.var, 0.7 + 0.3 * var_b, rtol=1e-5)
     assert int(new.count) == 1
+    _, _, bm = norms.evonorm_b0(x, st, s, b, v, train=True, return_batch_stats=True)
+    np.testing.assert_allclose(bm.var, var_b, rtol=1e-5)
+    np.testing.assert_allclose(bm.mean, x.astype(np.float64).mean(axis=(0, 1, 2)), atol=1e-5)
+    np.testing.assert_array_equal(bm.count, 4 * 3 * 5)
     # Both branches of the max are taken somewhere, so both are tested.
     x64 = np.asarray(x, np.float64)
     var_i = x64.var(axis=(1, 2), keepdims=True)

@@ -60,6 +60,11 @@ def test_train_output_and_running_update_match_paper_formula():
     np.testing.assert_allclose(new.mean, 0.2 * mu_bn, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(new.var, 0.8 + 0.2 * var_bn, rtol=1e-5)
     assert int(new.count) == 1
+    # The BN branch's batch moments, for PreciseBN.
+    _, _, bm = norms.switchable_norm(x, st, s, b, ml, vl, train=True, return_batch_stats=True)
+    np.testing.assert_allclose(bm.mean, mu_bn, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bm.var, var_bn, rtol=1e-5)
+    np.testing.assert_array_equal(bm.count, 4 * 3 * 5)
 
 
 def test_eval_uses_running_statistics_for_the_bn_branch():
@@ -74,6 +79,9 @@ def test_eval_uses_running_statistics_for_the_bn_branch():
     ref, _, _ = ref_switchable(x, s, b, ml, vl, st.mean, st.var)
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
     assert new is st
+    assert (
+        norms.switchable_norm(x, st, s, b, ml, vl, train=False, return_batch_stats=True)[2] is None
+    )
 
 
 def test_extreme_logits_reduce_to_instance_layer_and_batch_norm():
