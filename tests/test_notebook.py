@@ -54,3 +54,4 @@ def test_norms_tour_notebook_runs(this_python_kernel):
     assert not errors
     assert "CpuDevice(id=7)" in outputs  # the first cell got its 8 devices
     assert "all_gather ops: 1  all_reduce ops: 0" in outputs
+    assert "PreciseBN var - population var" in outputs
