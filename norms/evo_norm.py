@@ -181,7 +181,7 @@ def evonorm_s0(
     scale = check_param(scale, c, "scale", who, dt)
     bias = check_param(bias, c, "bias", who, dt)
     v = check_param(v, c, "v", who, dt)
-    _, var_g = grouped_moments(xl, g)
+    _, var_g, _ = grouped_moments(xl, g)
     inv = per_channel(jax.lax.rsqrt(var_g + eps), c)
     xf = xl.astype(dt)
     y = xf * jax.nn.sigmoid(v * xf) * inv.reshape((xl.shape[0],) + (1,) * (xl.ndim - 2) + (c,))
