@@ -1,0 +1,228 @@
+"""Config checks and derived values, computed after command-line overrides.
+
+``validate(config, ...)`` raises ``ConfigError`` with a message naming the bad key,
+its value and the fix; ``derive(config, ...)`` returns a ``Derived`` record of every
+value computed from the config (steps, per-device batch, device groups, EMA decay)
+so nothing derived is ever stored in the config itself (an override of
+``batch_size`` cannot leave a stale per-device batch behind).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Sequence
+
+import jax
+import ml_collections
+
+from nfnets.optim import ema_decay_nfnet
+
+SYNC_MODES = ("none", "all", "groups")
+DTYPES = ("float32", "bfloat16", "float16")
+# Norms keeping batch statistics: the only ones that take axis_name / axis_index_groups.
+STATEFUL_NORMS = ("batch_norm", "batch_renorm", "switchable_norm", "evonorm_b0")
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the key and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Derived:
+    """Values computed from a config and the run's devices/data (never stored in the config).
+
+    Attributes:
+      num_devices: global device count (all processes).
+      local_devices: this process's device count.
+      process_count: number of processes.
+      per_device_batch: batch_size / num_devices.
+      local_batch: per-process batch (per_device_batch * local_devices).
+      steps_per_epoch: num_train_examples // batch_size (last partial batch dropped).
+      total_steps: num_train_steps, or round(num_epochs * steps_per_epoch).
+      optimizer_config: the config as the optimizer sees it (num_epochs made
+        consistent with total_steps).
+      axis_index_groups: device groups for stateful norms, or None (all devices).
+      model_kwargs: overrides for create_model (norm_kwargs with the sync axis added).
+      ema_decay_fn: step -> decay, or None when EMA is off.
+    """
+
+    num_devices: int
+    local_devices: int
+    process_count: int
+    per_device_batch: int
+    local_batch: int
+    steps_per_epoch: int
+    total_steps: int
+    optimizer_config: ml_collections.ConfigDict
+    axis_index_groups: list[list[int]] | None
+    model_kwargs: dict
+    ema_decay_fn: Callable | None
+
+
+def _err(key: str, value, fix: str) -> ConfigError:
+    return ConfigError(f"config.{key}={value!r}: {fix}")
+
+
+def parse_ema(value: str) -> Callable | None:
+    """``config.ema`` -> decay function of the step, or None ("none")."""
+    if value in ("none", "", None):
+        return None
+    if value == "nfnet":
+        return ema_decay_nfnet
+    try:
+        decay = float(value)
+    except ValueError:
+        decay = math.nan
+    if not 0.0 < decay < 1.0:
+        raise _err("ema", value, 'use "none", "nfnet" or a fixed decay in (0, 1) such as "0.999"')
+    return lambda step: decay
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Checks the values ``train`` relies on; errors name the key, the value and the fix."""
+    if not isinstance(config.batch_size, int) or config.batch_size <= 0:
+        raise _err("batch_size", config.batch_size, "give a positive integer")
+    if config.batch_size % num_devices:
+        lo = (config.batch_size // num_devices) * num_devices
+        hi = lo + num_devices
+        raise _err(
+            "batch_size",
+            config.batch_size,
+            f"the global batch must divide by the {num_devices} devices "
+            f"({config.batch_size} = {config.batch_size // num_devices} x {num_devices} "
+            f"+ {config.batch_size % num_devices}); use e.g. --config.batch_size="
+            f"{max(lo, num_devices)} or {hi}",
+        )
+    if not isinstance(config.eval_batch_size, int) or config.eval_batch_size <= 0:
+        raise _err("eval_batch_size", config.eval_batch_size, "give a positive integer")
+    if config.sync_batch_stats not in SYNC_MODES:
+        raise _err("sync_batch_stats", config.sync_batch_stats, f"use one of {SYNC_MODES}")
+    if config.sync_batch_stats == "groups":
+        k = config.sync_group_size
+        if not isinstance(k, int) or k < 1 or num_devices % k:
+            raise _err(
+                "sync_group_size",
+                k,
+                f"with sync_batch_stats='groups' give a group size that divides the "
+                f"{num_devices} devices",
+            )
+    if config.dtype not in DTYPES:
+        raise _err("dtype", config.dtype, f"use one of {DTYPES}")
+    if config.num_epochs <= 0 and config.num_train_steps <= 0:
+        raise _err("num_epochs", config.num_epochs, "set num_epochs > 0 or num_train_steps > 0")
+    for key in ("log_every_steps",):
+        if config[key] <= 0:
+            raise _err(key, config[key], "give a positive number of steps")
+    for key in ("eval_every_steps", "checkpoint_every_steps", "precise_bn_batches"):
+        if config[key] < 0:
+            raise _err(key, config[key], "give 0 (off / only at the end) or a positive number")
+    if config.keep_checkpoints < 1:
+        raise _err("keep_checkpoints", config.keep_checkpoints, "keep at least 1")
+    parse_ema(config.ema)
+
+
+def device_groups(num_devices: int, group_size: int) -> list[list[int]]:
+    """Consecutive device groups ``[[0..k-1], [k..2k-1], ...]`` for axis_index_groups."""
+    return [list(range(i, i + group_size)) for i in range(0, num_devices, group_size)]
+
+
+def derive(
+    config: ml_collections.ConfigDict,
+    *,
+    num_train_examples: int,
+    num_devices: int | None = None,
+    local_devices: int | None = None,
+    process_count: int | None = None,
+    axis_name: str = "batch",
+) -> Derived:
+    """Validates ``config`` and computes every derived value (see ``Derived``)."""
+    num_devices = jax.device_count() if num_devices is None else num_devices
+    local_devices = jax.local_device_count() if local_devices is None else local_devices
+    process_count = jax.process_count() if process_count is None else process_count
+    validate(config, num_devices)
+    steps_per_epoch = num_train_examples // config.batch_size
+    if steps_per_epoch < 1:
+        raise _err(
+            "batch_size",
+            config.batch_size,
+            f"the training split has only {num_train_examples} examples; use a batch "
+            f"size <= {num_train_examples}",
+        )
+    if config.num_train_steps > 0:
+        total_steps = int(config.num_train_steps)
+    else:
+        total_steps = max(1, round(config.num_epochs * steps_per_epoch))
+    opt_config = ml_collections.ConfigDict(config.to_dict())
+    opt_config.num_epochs = total_steps / steps_per_epoch
+    if opt_config.warmup_epochs * steps_per_epoch >= total_steps > 1:
+        raise _err(
+            "warmup_epochs",
+            config.warmup_epochs,
+            f"warmup ({round(config.warmup_epochs * steps_per_epoch)} steps) must be "
+            f"shorter than training ({total_steps} steps); lower warmup_epochs",
+        )
+
+    groups = None
+    if config.sync_batch_stats == "groups" and config.sync_group_size < num_devices:
+        groups = device_groups(num_devices, config.sync_group_size)
+    model_kwargs = config.model_kwargs.to_dict()
+    if "dtype" not in model_kwargs and config.dtype != "float32":
+        import jax.numpy as jnp
+
+        model_kwargs["dtype"] = getattr(jnp, config.dtype)
+    if model_kwargs.get("norm") in STATEFUL_NORMS and config.sync_batch_stats != "none":
+        norm_kwargs = dict(model_kwargs.get("norm_kwargs") or {})
+        norm_kwargs["axis_name"] = axis_name
+        if groups is not None:
+            norm_kwargs["axis_index_groups"] = groups
+        model_kwargs["norm_kwargs"] = norm_kwargs
+    for key, value in list(model_kwargs.items()):
+        if isinstance(value, list) and key in ("widths", "depths"):
+            model_kwargs[key] = tuple(value)
+
+    return Derived(
+        num_devices=num_devices,
+        local_devices=local_devices,
+        process_count=process_count,
+        per_device_batch=config.batch_size // num_devices,
+        local_batch=config.batch_size // process_count,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        optimizer_config=opt_config,
+        axis_index_groups=groups,
+        model_kwargs=model_kwargs,
+        ema_decay_fn=parse_ema(config.ema),
+    )
+
+
+_OVERRIDE = re.compile(r"^--?config\.([A-Za-z0-9_.]+)(=.*)?$")
+
+
+def unknown_overrides(config: ml_collections.ConfigDict, argv: Sequence[str]) -> list[str]:
+    """Dotted keys of ``--config.<key>[=value]`` arguments that ``config`` does not have."""
+    bad = []
+    for arg in argv:
+        m = _OVERRIDE.match(arg)
+        if not m:
+            continue
+        node = config
+        for part in m.group(1).split("."):
+            if isinstance(node, ml_collections.ConfigDict | dict) and part in node:
+                node = node[part]
+            else:
+                bad.append(m.group(1))
+                break
+    return bad
+
+
+def valid_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """Every dotted key of ``config`` (for error messages)."""
+    keys = []
+    for k, v in config.items():
+        if isinstance(v, ml_collections.ConfigDict):
+            keys.extend(valid_keys(v, f"{prefix}{k}."))
+        else:
+            keys.append(f"{prefix}{k}")
+    return keys

@@ -1,0 +1,129 @@
+"""Evaluation over a whole split, every example counted exactly once.
+
+The eval iterator pads the last batch to the full batch size and marks the real
+examples with a boolean ``"mask"``; the step sums loss and correctness over masked
+examples only and ``psum``s the sums over the device axis, and the host adds the
+sums of all batches. Nothing is dropped and padding never counts, whatever the
+batch size. The model runs in eval mode (running statistics, no dropout), so
+padding cannot leak into any statistics either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nfnets.optim import smoothed_cross_entropy
+from nfnets.train_state import accuracy
+
+PyTree = Any
+
+
+def make_eval_step(model: nn.Module, axis_name: str = "batch") -> Callable:
+    """Per-device ``(variables, batch) -> sums`` for ``jax.pmap(..., axis_name)``.
+
+    ``batch`` holds "image" (n, H, W, C), "label" (n,) and "mask" (n,) bool.
+    Returns ``{"loss": sum of masked per-example cross-entropies (no smoothing),
+    "correct": number of masked examples classified right, "count": number of masked
+    examples}``, summed over all devices of the axis.
+    """
+
+    def eval_step(variables: PyTree, batch: dict) -> dict[str, jax.Array]:
+        logits = model.apply(variables, batch["image"], train=False)
+        mask = batch["mask"].astype(bool)
+        loss = smoothed_cross_entropy(logits, batch["label"], 0.0)
+        sums = {
+            "loss": jnp.sum(jnp.where(mask, loss, 0.0)),
+            "correct": jnp.sum(jnp.where(mask, accuracy(logits, batch["label"]), 0.0)),
+            "count": jnp.sum(mask.astype(jnp.int32)),
+        }
+        return jax.lax.psum(sums, axis_name)
+
+    return eval_step
+
+
+def make_pmapped_eval_step(model: nn.Module, axis_name: str = "batch") -> Callable:
+    """``jax.pmap`` of ``make_eval_step``; variables replicated, batch sharded."""
+    return jax.pmap(make_eval_step(model, axis_name), axis_name=axis_name)
+
+
+def evaluate(
+    p_eval_step: Callable,
+    variables: PyTree,
+    batches: Iterable[dict],
+    *,
+    expected_count: int | None = None,
+) -> dict[str, float]:
+    """Runs ``p_eval_step`` over every (device-sharded) batch; returns loss, accuracy, count.
+
+    Args:
+      p_eval_step: from ``make_pmapped_eval_step``.
+      variables: replicated model variables ({"params", "batch_stats"?}).
+      batches: device-sharded batches with "mask" (leading axis = local devices).
+      expected_count: when given, the number of examples the split holds; a
+        different count (examples dropped or counted twice) raises.
+
+    Returns ``{"loss": mean loss, "accuracy": fraction correct, "count": examples}``
+    over the masked examples of all batches (and all processes).
+    """
+    loss_sum, correct, count = 0.0, 0.0, 0
+    for batch in batches:
+        sums = jax.device_get(p_eval_step(variables, batch))
+        # psum made every device's sums identical: take device 0's.
+        loss_sum += float(np.asarray(sums["loss"])[0])
+        correct += float(np.asarray(sums["correct"])[0])
+        count += int(np.asarray(sums["count"])[0])
+    if count == 0:
+        raise ValueError("evaluation saw no examples: the eval split is empty")
+    if expected_count is not None and count != expected_count:
+        raise RuntimeError(
+            f"evaluation counted {count} examples but the split holds {expected_count}; "
+            "the eval iterator must pad and mask the last batch, not drop or repeat it"
+        )
+    return {"loss": loss_sum / count, "accuracy": correct / count, "count": count}
+
+
+def make_precise_bn(model: nn.Module, axis_name: str = "batch") -> Callable:
+    """PreciseBN for a pmapped model: ``(p_variables, batches, num_batches, rng) -> batch_stats``.
+
+    Runs the frozen model in train mode over ``num_batches`` device-sharded batches,
+    collects every stateful norm's batch moments (the ``"batch_moments"``
+    collection), merges them exactly and count-weighted over batches
+    (``norms.recompute_batch_stats``), writes them into the running statistics
+    (``norms.precise_bn.apply_recomputed_stats``) and finally merges them across
+    devices (``sync_batch_stats``; a no-op when the norms already synced over
+    ``axis_name``). Returns the replicated new ``batch_stats``; parameters and the
+    training state are untouched.
+    """
+    from norms.batch_norm import sync_batch_stats
+    from norms.precise_bn import apply_recomputed_stats, recompute_batch_stats
+
+    def stats_fn(variables, batch, rng):
+        rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+        _, state = model.apply(
+            variables,
+            batch["image"],
+            train=True,
+            rngs={"dropout": rng},
+            mutable=["batch_stats", "batch_moments"],
+        )
+        return state["batch_moments"]
+
+    p_stats = jax.pmap(stats_fn, axis_name=axis_name, in_axes=(0, 0, None))
+    p_apply = jax.pmap(
+        lambda stats, moments: sync_batch_stats(apply_recomputed_stats(stats, moments), axis_name),
+        axis_name=axis_name,
+    )
+
+    def precise(p_variables, batches, num_batches: int, rng):
+        moments = recompute_batch_stats(
+            lambda b: p_stats(p_variables, b, rng), batches, num_batches=num_batches
+        )
+        return p_apply(p_variables["batch_stats"], moments)
+
+    return precise

@@ -1,0 +1,172 @@
+"""Training outputs: metrics.jsonl, TensorBoard events, a console progress bar,
+summary.json and a PNG of the training curves.
+
+Every record is a flat dict with an integer ``"step"`` and float values; the
+same record goes to ``metrics.jsonl`` (one JSON object per line) and to
+TensorBoard (one scalar per key). Only the writing process (process 0 in a
+multi-host run) should create these objects.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterable
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+CURVES_FILE = "training_curves.png"
+SUMMARY_KEYS = ("test_accuracy", "test_loss", "steps", "wall_time_s", "images_per_sec")
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    """All records of ``workdir/metrics.jsonl`` in file order ([] when absent)."""
+    path = os.path.join(workdir, METRICS_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def truncate_metrics(workdir: str, last_step: int) -> None:
+    """Drops records with ``step > last_step`` (written after the checkpoint a run resumes from).
+
+    So a resumed run's metrics.jsonl is the same as an uninterrupted run's, without
+    duplicated steps.
+    """
+    path = os.path.join(workdir, METRICS_FILE)
+    records = [r for r in read_metrics(workdir) if r["step"] <= last_step]
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+class MetricsWriter:
+    """Appends records to ``metrics.jsonl`` and TensorBoard event files in ``workdir``."""
+
+    def __init__(self, workdir: str, *, tensorboard: bool = True):
+        os.makedirs(workdir, exist_ok=True)
+        self.workdir = workdir
+        self._file = open(os.path.join(workdir, METRICS_FILE), "a")  # noqa: SIM115
+        self._tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, record: dict[str, float]) -> None:
+        """Writes ``{"step": step, **record}``; non-finite floats are stored as null in JSON."""
+        clean = {}
+        for k, v in record.items():
+            v = float(v) if not isinstance(v, str) else v
+            clean[k] = v if isinstance(v, str) or math.isfinite(v) else None
+        self._file.write(json.dumps({"step": int(step), **clean}) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in record.items():
+                if not isinstance(v, str):
+                    self._tb.add_scalar(k, float(v), int(step))
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def format_duration(seconds: float) -> str:
+    """``3725 -> '1:02:05'``; ``'?'`` when unknown."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class ProgressBar:
+    """One console line ``[#####.....] step/total loss acc images/s ETA`` redrawn in place.
+
+    ``update`` is cheap to call every step; it redraws at most every
+    ``min_interval_s`` seconds (and always on the last step).
+    """
+
+    def __init__(self, total_steps: int, *, stream=None, width: int = 30, min_interval_s=0.5):
+        self.total = max(int(total_steps), 1)
+        self.stream = stream if stream is not None else sys.stderr
+        self.width = width
+        self.min_interval_s = min_interval_s
+        self._last_draw = -math.inf
+
+    def line(self, step: int, info: dict[str, float]) -> str:
+        """The bar at ``step``; ``info`` keys: loss, accuracy, images_per_sec, eta_s."""
+        done = int(self.width * min(step, self.total) / self.total)
+        bar = "#" * done + "." * (self.width - done)
+        parts = [f"[{bar}] {step}/{self.total}"]
+        if "loss" in info:
+            parts.append(f"loss {info['loss']:.4f}")
+        if "accuracy" in info:
+            parts.append(f"acc {info['accuracy']:.4f}")
+        if "images_per_sec" in info:
+            parts.append(f"{info['images_per_sec']:.0f} img/s")
+        if "eta_s" in info:
+            parts.append(f"ETA {format_duration(info['eta_s'])}")
+        return " ".join(parts)
+
+    def update(self, step: int, info: dict[str, float]) -> None:
+        now = time.monotonic()
+        if step < self.total and now - self._last_draw < self.min_interval_s:
+            return
+        self._last_draw = now
+        end = "\n" if step >= self.total else ""
+        self.stream.write("\r" + self.line(step, info) + end)
+        self.stream.flush()
+
+    def message(self, text: str) -> None:
+        """Prints ``text`` on its own line without breaking the bar."""
+        self.stream.write("\r" + text + "\n")
+        self.stream.flush()
+        self._last_draw = -math.inf
+
+
+def write_summary(workdir: str, summary: dict) -> str:
+    """Writes ``workdir/summary.json``; it must hold every key of ``SUMMARY_KEYS``."""
+    missing = [k for k in SUMMARY_KEYS if k not in summary]
+    if missing:
+        raise ValueError(f"summary is missing keys {missing}; it needs {list(SUMMARY_KEYS)}")
+    path = os.path.join(workdir, SUMMARY_FILE)
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=2, sort_keys=True)
+        f.write("\n")
+    return path
+
+
+def plot_curves(records: Iterable[dict], path: str) -> str:
+    """Plots train loss/accuracy and every ``test_*`` accuracy/loss against step into a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = list(records)
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    keys = sorted({k for r in records for k in r if k != "step"})
+    for key, ax in (("loss", ax_loss), ("accuracy", ax_acc)):
+        for k in keys:
+            if not k.endswith(key) or not (k.startswith("train") or k.startswith("test")):
+                continue
+            pts = [(r["step"], r[k]) for r in records if r.get(k) is not None]
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                ax.plot(xs, ys, marker="o" if k.startswith("test") else None, label=k)
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

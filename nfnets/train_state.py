@@ -1,0 +1,201 @@
+"""Training state and the data-parallel train step (pmap over a named device axis).
+
+The step is written for ``jax.pmap(..., axis_name=axis_name)``: every device holds
+a replica of the state and its slice of the global batch. Per step:
+
+1. forward/backward in train mode; norm layers built with ``axis_name`` (SyncBN)
+   compute their statistics across devices themselves;
+2. loss and gradients averaged over the axis (``lax.pmean``), so every device
+   applies the same update;
+3. non-finite guard: ``finite = all(isfinite(loss), isfinite(grads))`` on the
+   averaged values (then ``pmin``-ed, so every device agrees); when False the step
+   changes nothing (parameters, optimizer state, batch statistics, EMA), only the
+   step counter advances and the skip is counted;
+4. optional parameter EMA.
+
+The state carries running sums of the train metrics since the last log
+(``metric_sums``) so a checkpoint restores them and a resumed run logs the same
+numbers as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from nfnets.optim import smoothed_cross_entropy, update_ema
+
+PyTree = Any
+
+METRIC_SUM_KEYS = ("loss", "accuracy", "steps", "skipped")
+
+
+def zero_metric_sums() -> dict[str, jax.Array]:
+    """Running sums since the last log: loss and accuracy summed over good steps, counts."""
+    return {
+        "loss": jnp.zeros((), jnp.float32),
+        "accuracy": jnp.zeros((), jnp.float32),
+        "steps": jnp.zeros((), jnp.int32),
+        "skipped": jnp.zeros((), jnp.int32),
+    }
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step reads and writes (a pytree; checkpointed as is).
+
+    Attributes:
+      step: () int32, steps attempted so far (skipped ones included): the data position.
+      params: model parameters.
+      batch_stats: the model's "batch_stats" collection ({} for normalizer-free models).
+      opt_state: optax state.
+      ema_params: EMA of the parameters, or None when EMA is off.
+      metric_sums: see ``zero_metric_sums``; reset by the loop after each log.
+      num_skipped: () int32, non-finite steps skipped in the whole run.
+    """
+
+    step: jax.Array
+    params: PyTree
+    batch_stats: PyTree
+    opt_state: PyTree
+    ema_params: PyTree
+    metric_sums: dict[str, jax.Array]
+    num_skipped: jax.Array
+
+
+def create_train_state(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    rng: jax.Array,
+    image_shape: tuple[int, ...],
+    *,
+    use_ema: bool = False,
+) -> TrainState:
+    """Initialises parameters on one example of shape ``image_shape`` (H, W, C), unreplicated."""
+    dummy = jnp.zeros((1, *image_shape), jnp.float32)
+    variables = jax.jit(lambda k: model.init({"params": k}, dummy, train=False))(rng)
+    params = variables["params"]
+    batch_stats = variables.get("batch_stats", {})
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=tx.init(params),
+        ema_params=jax.tree.map(jnp.copy, params) if use_ema else None,
+        metric_sums=zero_metric_sums(),
+        num_skipped=jnp.zeros((), jnp.int32),
+    )
+
+
+def tree_all_finite(tree: PyTree) -> jax.Array:
+    """() bool: every element of every floating leaf is finite."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def _select(pred: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+    return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
+
+
+def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """(N,) float32 1/0 correctness; soft (N, K) labels are compared by their argmax."""
+    if labels.ndim == logits.ndim:
+        labels = jnp.argmax(labels, axis=-1)
+    return (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+
+
+def make_train_step(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    *,
+    label_smoothing: float = 0.0,
+    ema_decay_fn: Callable[[jax.Array], jax.Array] | None = None,
+    axis_name: str = "batch",
+) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
+    """The per-device step ``(state, batch, rng) -> (state, metrics)`` to wrap in pmap.
+
+    Args:
+      model: flax module applied as ``model.apply(vars, images, train=True, rngs=...)``.
+      tx: optax transformation (``tx.update(grads, opt_state, params)``).
+      label_smoothing: for ``smoothed_cross_entropy``.
+      ema_decay_fn: decay at a step for the parameter EMA; None when EMA is off.
+      axis_name: the pmap axis name the step averages over.
+
+    ``batch`` holds "image" (n, H, W, C) and "label" (n,) int or (n, K) soft labels
+    for this device; ``rng`` is the run's base key (the same on every device): the
+    step folds in the step number and the device index, so dropout / stochastic
+    depth noise depends only on (seed, step, device), which makes resuming exact.
+    The returned metrics are this step's device-averaged loss and accuracy and a
+    0/1 ``finite`` flag.
+    """
+
+    def step_fn(state: TrainState, batch: dict, rng: jax.Array):
+        images, labels = batch["image"], batch["label"]
+        rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(axis_name))
+        has_stats = bool(jax.tree.leaves(state.batch_stats))
+
+        def loss_fn(params):
+            variables = {"params": params}
+            if has_stats:
+                variables["batch_stats"] = state.batch_stats
+                logits, mutated = model.apply(
+                    variables,
+                    images,
+                    train=True,
+                    rngs={"dropout": rng},
+                    mutable=["batch_stats"],
+                )
+                new_stats = mutated["batch_stats"]
+            else:
+                logits = model.apply(variables, images, train=True, rngs={"dropout": rng})
+                new_stats = state.batch_stats
+            loss = jnp.mean(smoothed_cross_entropy(logits, labels, label_smoothing))
+            return loss, (logits, new_stats)
+
+        (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grads = jax.lax.pmean(grads, axis_name)
+        loss = jax.lax.pmean(loss, axis_name)
+        acc = jax.lax.pmean(jnp.mean(accuracy(logits, labels)), axis_name)
+        finite = jnp.logical_and(jnp.isfinite(loss), tree_all_finite(grads))
+        # All devices must take the same branch: grads are already averaged, but a
+        # device whose own batch statistics went non-finite must veto too.
+        finite = jnp.logical_and(finite, tree_all_finite(new_stats))
+        finite = jax.lax.pmin(finite.astype(jnp.int32), axis_name).astype(bool)
+
+        updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        new_ema = state.ema_params
+        if ema_decay_fn is not None:
+            new_ema = update_ema(state.ema_params, new_params, ema_decay_fn(state.step))
+
+        sums = state.metric_sums
+        fin_f = finite.astype(jnp.float32)
+        new_sums = {
+            "loss": sums["loss"] + jnp.where(finite, loss, 0.0),
+            "accuracy": sums["accuracy"] + fin_f * acc,
+            "steps": sums["steps"] + finite.astype(jnp.int32),
+            "skipped": sums["skipped"] + (1 - finite.astype(jnp.int32)),
+        }
+        new_state = state.replace(
+            step=state.step + 1,
+            params=_select(finite, new_params, state.params),
+            batch_stats=_select(finite, new_stats, state.batch_stats),
+            opt_state=_select(finite, new_opt_state, state.opt_state),
+            ema_params=_select(finite, new_ema, state.ema_params),
+            metric_sums=new_sums,
+            num_skipped=state.num_skipped + (1 - finite.astype(jnp.int32)),
+        )
+        return new_state, {"loss": loss, "accuracy": acc, "finite": finite.astype(jnp.int32)}
+
+    return step_fn
+
+
+def make_pmapped_train_step(step_fn, axis_name: str = "batch"):
+    """``jax.pmap`` of ``step_fn`` over local devices; state donated, rng broadcast."""
+    return jax.pmap(step_fn, axis_name=axis_name, in_axes=(0, 0, None), donate_argnums=(0,))

@@ -1,0 +1,74 @@
+"""Evaluation counts every example exactly once, whatever the batch size.
+
+Reference: the model applied to the whole split at once (no padding, no devices)
+with the loss and accuracy computed in float64 numpy.
+"""
+
+import jax
+import numpy as np
+import pytest
+
+from nfnets import data as data_lib
+from nfnets.evaluation import evaluate, make_pmapped_eval_step
+from nfnets.registry import create_model
+from nfnets.training import replicate
+from tests.nfnets.tiny_config import N_TEST, fake_data
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    directory = fake_data(tmp_path_factory.mktemp("fmnist"))
+    test = data_lib.load_dataset("fashion_mnist", split="test", data_dir=directory)
+    model = create_model(
+        "nf_resnet26_small", num_classes=10, widths=(8, 16), depths=(1, 1), stem_width=8
+    )
+    images = data_lib.aug.normalize(test.images, test.info.mean, test.info.std)
+    variables = jax.jit(lambda k: model.init({"params": k}, images[:1], train=False))(
+        jax.random.key(1)
+    )
+    logits = np.asarray(jax.jit(lambda v: model.apply(v, images, train=False))(variables))
+    logits = logits.astype(np.float64)
+    logp = logits - logits.max(1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+    ref_loss = -logp[np.arange(N_TEST), test.labels].mean()
+    ref_acc = (logits.argmax(1) == test.labels).mean()
+    return test, model, variables, ref_loss, ref_acc
+
+
+def _batches(test, batch_size, ndev):
+    it = data_lib.eval_iterator(test, global_batch_size=batch_size)
+    return [data_lib.shard_for_pmap(b, ndev) for b in it]
+
+
+@pytest.mark.parametrize("batch_size", [24, 64])  # neither divides the 40 examples
+def test_every_example_once(setup, batch_size):
+    test, model, variables, ref_loss, ref_acc = setup
+    ndev = jax.local_device_count()
+    assert ndev == 8  # tests/conftest.py: 8 virtual devices
+    p_eval = make_pmapped_eval_step(model)
+    res = evaluate(
+        p_eval, replicate(variables), _batches(test, batch_size, ndev), expected_count=N_TEST
+    )
+    assert res["count"] == N_TEST
+    np.testing.assert_allclose(res["accuracy"], ref_acc, atol=1e-7)
+    np.testing.assert_allclose(res["loss"], ref_loss, rtol=1e-5)
+
+
+def test_padding_never_counts(setup):
+    """Padded rows filled with NaN and wrong labels change nothing."""
+    test, model, variables, ref_loss, ref_acc = setup
+    batches = _batches(test, 24, 8)
+    for b in batches:
+        b["image"][~b["mask"]] = np.nan
+        b["label"][~b["mask"]] = 7
+    res = evaluate(make_pmapped_eval_step(model), replicate(variables), batches)
+    assert res["count"] == N_TEST
+    np.testing.assert_allclose(res["accuracy"], ref_acc, atol=1e-7)
+    np.testing.assert_allclose(res["loss"], ref_loss, rtol=1e-5)
+
+
+def test_dropped_batch_is_detected(setup):
+    test, model, variables, _, _ = setup
+    batches = _batches(test, 24, 8)[:-1]
+    with pytest.raises(RuntimeError, match="counted 24 examples but the split holds 40"):
+        evaluate(make_pmapped_eval_step(model), replicate(variables), batches, expected_count=40)

@@ -1,0 +1,82 @@
+"""Train from a config file: ``python train.py --config configs/default.py --workdir runs/x``.
+
+Override any config value on the command line, e.g. ``--config.batch_size=256``
+or ``--config.model_kwargs.widths="(32, 64)"``; unknown keys are rejected with
+the list of valid ones. Rerunning with the same ``--workdir`` resumes from its
+latest checkpoint. SIGTERM / Ctrl-C saves a checkpoint, then exits.
+Outputs (in the workdir): metrics.jsonl, tensorboard/, checkpoints/,
+summary.json, training_curves.png. The library lives in ``nfnets.training``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/default.py", "Experiment config file (get_config()).", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (resumes if it has checkpoints).")
+
+
+def _explain_override_error(argv: list[str]) -> str | None:
+    """A readable message when a --config.<key> override names a key the config lacks."""
+    import importlib.util
+
+    from nfnets.config import unknown_overrides, valid_keys
+
+    path = next(
+        (a.split("=", 1)[1] for a in argv if a.startswith("--config=")),
+        None,
+    )
+    if path is None and "--config" in argv:
+        i = argv.index("--config")
+        path = argv[i + 1] if i + 1 < len(argv) else None
+    path = (path or "configs/default.py").split(":", 1)[0]
+    try:
+        spec = importlib.util.spec_from_file_location("_config_for_check", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config = module.get_config()
+    except Exception:  # noqa: BLE001 - only to improve an error message
+        return None
+    bad = unknown_overrides(config, argv)
+    if not bad:
+        return None
+    return (
+        f"unknown config key(s) {bad} in the overrides; {path} has no such field. "
+        f"Fix the spelling (valid keys: {', '.join(valid_keys(config))}) or add the field "
+        "to configs/common.py."
+    )
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        message = _explain_override_error(argv) or str(e)
+        sys.exit(f"train.py: error: {message}")
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        message = _explain_override_error(argv)
+        sys.exit(f"train.py: error: {message or e}")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; use --config.key=value")
+    if not _WORKDIR.value:
+        raise app.UsageError("--workdir is required, e.g. --workdir runs/default")
+    from nfnets.config import ConfigError
+    from nfnets.data import DatasetNotFoundError
+    from nfnets.training import train
+
+    try:
+        train(_CONFIG.value, _WORKDIR.value)
+    except (ConfigError, DatasetNotFoundError) as e:
+        sys.exit(f"train.py: error: {e}")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse_flags)
