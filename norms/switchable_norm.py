@@ -142,7 +142,9 @@ def switchable_norm(
         new_state = state
         batch_moments = None
 
-    mean = w[0] * mean_in + w[1] * mean_ln + w[2] * mean_bn
+    # sum_k w_k mu_k written around mu_IN (the weights sum to 1): exact for constant
+    # inputs and free of the weights' rounding times a large mean.
+    mean = mean_in + w[1] * (mean_ln - mean_in) + w[2] * (mean_bn - mean_in)
     var = wv[0] * var_in + wv[1] * var_ln + wv[2] * var_bn
     a = jax.lax.rsqrt(var + eps)
     if scale is not None:

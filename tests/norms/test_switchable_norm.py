@@ -147,6 +147,22 @@ def test_pmap_uneven_masks_equal_one_big_batch_with_one_collective():
     assert hlo.count('stablehlo.all_reduce"') == 0
 
 
+def test_constant_input_gives_finite_output_and_gradient():
+    _, s, b, ml, vl = data()
+    x = jnp.full((4, 3, 5, 6), 3.0)
+    st = norms.init_batch_norm_state(6)
+
+    def loss(x, s, ml, vl):
+        y, _ = norms.switchable_norm(x, st, s, b, ml, vl, train=True)
+        return jnp.sum(y**2 + y)
+
+    y, _ = norms.switchable_norm(x, st, s, b, ml, vl, train=True)
+    # x - mean is float32 rounding (~1e-7) times rsqrt(eps) ~ 316.
+    np.testing.assert_allclose(y, np.broadcast_to(b, y.shape), atol=1e-3)
+    for g in jax.jit(jax.grad(loss, (0, 1, 2, 3)))(x, s, ml, vl):
+        assert np.isfinite(np.asarray(g)).all()
+
+
 def test_errors():
     x, s, b, ml, vl = data()
     st = norms.init_batch_norm_state(6)
