@@ -15,7 +15,7 @@ per-(example, channel) affine map ``y = x * a + b`` with
 ``(x - mean) * rsqrt(var + eps) * scale + bias``. Derivatives come from a
 closed-form JVP (forward and reverse mode, any order), whose transpose is the
 textbook backward pass: one fused reduction and one elementwise pass over ``x``
-(about 2x faster than flax's GroupNorm fwd+bwd on CPU, see benchmarks/).
+(roughly half the time of flax's GroupNorm fwd+bwd on CPU; benchmarks/norms_bench.py).
 """
 
 from __future__ import annotations
