@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -68,6 +68,8 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; use --config.key=value")
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required, e.g. --workdir runs/default")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     from nfnets.config import ConfigError
     from nfnets.data import DatasetNotFoundError
     from nfnets.training import train

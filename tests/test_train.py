@@ -1,0 +1,112 @@
+"""``python train.py`` as a user runs it: outputs, SIGTERM checkpoint + resume, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from nfnets.metrics import SUMMARY_KEYS, read_metrics
+from tests.nfnets.tiny_config import fake_data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = [
+    "--config.model_kwargs.widths=(8, 16)",
+    "--config.model_kwargs.depths=(1, 1)",
+    "--config.model_kwargs.stem_width=8",
+    "--config.batch_size=16",
+    "--config.eval_batch_size=24",
+    "--config.warmup_epochs=0",
+    "--config.log_every_steps=1",
+    "--config.checkpoint_every_steps=0",
+]
+
+
+def _env(devices: int = 2) -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def _cmd(workdir, data_dir, *extra):
+    return [
+        sys.executable,
+        "train.py",
+        "--config",
+        "configs/default.py",
+        "--workdir",
+        str(workdir),
+        f"--config.data_dir={data_dir}",
+        *TINY,
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return fake_data(tmp_path_factory.mktemp("fmnist"))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_then_rerun_resumes_to_summary(data_dir, tmp_path):
+    workdir = tmp_path / "run"
+    cmd = _cmd(workdir, data_dir, "--config.num_epochs=25")  # 100 steps
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if read_metrics(str(workdir)):  # training has started
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "saved checkpoint at step" in out
+    stopped = max(r["step"] for r in read_metrics(str(workdir)))
+    assert 1 <= stopped < 100
+    assert not (workdir / "summary.json").exists()
+
+    done = subprocess.run(
+        cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "resuming from step" in done.stdout + done.stderr
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert set(SUMMARY_KEYS) <= set(summary)
+    assert summary["steps"] == 100 and summary["test_count"] == 40
+    steps = [r["step"] for r in read_metrics(str(workdir)) if "train_loss" in r]
+    assert steps == list(range(1, 101))  # no step lost or logged twice across the restart
+    assert (workdir / "training_curves.png").exists()
+
+
+def test_unknown_key_names_the_fix(data_dir, tmp_path):
+    out = subprocess.run(
+        _cmd(tmp_path, data_dir, "--config.batch_sise=8"),
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert out.returncode != 0
+    assert "unknown config key(s) ['batch_sise']" in out.stderr
+    assert "batch_size" in out.stderr  # the valid keys are listed
+
+
+def test_indivisible_batch_and_missing_data_name_the_fix(data_dir, tmp_path):
+    out = subprocess.run(
+        _cmd(tmp_path / "a", data_dir, "--config.batch_size=15"),
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert out.returncode != 0
+    assert "config.batch_size=15" in out.stderr and "2 devices" in out.stderr
+    assert "--config.batch_size=14 or 16" in out.stderr
+    out = subprocess.run(
+        _cmd(tmp_path / "b", tmp_path / "nowhere"),
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert out.returncode != 0
+    assert "--config.data_dir" in out.stderr and "Traceback" not in out.stderr
