@@ -7,7 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nfnets.nfnet import NFNET_PLUS_WIDTHS, NFNET_VARIANTS, NFNet, check_nfnet_config
+from nfnets.nfnet import (
+    NFNET_PLUS_WIDTHS,
+    NFNET_VARIANTS,
+    NFNet,
+    NFNetBlock,
+    check_nfnet_config,
+)
 
 # Published parameter counts in millions (Brock et al., 2021, Table 1/Appendix).
 PUBLISHED_M = {"f0": 71.5, "f1": 132.6, "f2": 193.8, "f3": 254.9, "f4": 316.1, "f5": 377.2,
@@ -74,43 +80,47 @@ def test_plus_variant_rounds_mid_width_to_group_width():
 TINY = dict(widths=(16, 32), depths=(1, 2), group_width=8, stem_width=8, num_classes=5)
 
 
-def test_tiny_forward_train_and_eval():
-    model = NFNet(small=True, dropout=0.5, stochastic_depth=0.5, **TINY)
-    x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
-    variables = jax.jit(
-        lambda x: model.init({"params": jax.random.key(1, impl="rbg")}, x, train=False)
-    )(x)
+def test_block_starts_as_identity_and_sows():
+    # Real init of one block: SkipInit gain 0 makes a non-transition block the identity.
+    block = NFNetBlock(
+        features=16, mid=16, groups=2, stride=1, beta=0.9, alpha=0.2, se_ratio=0.5,
+        stochastic_depth=0.0, activation="gelu",
+    )  # fmt: skip
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 16))
 
     @jax.jit
-    def run(params, x, key):
-        def loss(p):
-            logits, state = model.apply(
-                {"params": p}, x, train=True, rngs={"dropout": key}, mutable=["intermediates"]
-            )
-            return jnp.sum(logits**2), state["intermediates"]
+    def init_and_apply(x):
+        variables = block.init({"params": jax.random.key(1, impl="rbg")}, x, train=False)
+        y, state = block.apply(variables, x, train=False, mutable=["intermediates"])
+        params = {**variables["params"], "skip_gain": jnp.ones(())}
+        y1 = block.apply({"params": params}, x, train=False)
+        return variables["params"], y, state["intermediates"], y1
 
-        (value, inter), grads = jax.value_and_grad(loss, has_aux=True)(params)
-        evals, eval_state = model.apply(
-            {"params": params}, x, train=False, mutable=["intermediates"]
-        )
-        return value, grads, inter, evals, eval_state["intermediates"]
+    params, y, inter, y1 = init_and_apply(x)
+    assert float(params["skip_gain"]) == 0.0
+    np.testing.assert_array_equal(params["conv1"]["gain"], np.ones(16))
+    np.testing.assert_array_equal(params["conv1"]["bias"], np.zeros(16))
+    np.testing.assert_array_equal(y, x)
+    np.testing.assert_array_equal(inter["block_out"][0], y)
+    branch = inter["branch_out"][0]
+    assert branch.shape == x.shape and float(jnp.std(branch)) > 0
+    # With gain 1 the block adds alpha times its branch output.
+    np.testing.assert_allclose(y1, x + 0.2 * branch, rtol=1e-5, atol=1e-6)
 
-    value, grads, inter, logits, eval_inter = run(variables["params"], x, jax.random.key(2))
-    assert logits.shape == (2, 5) and logits.dtype == jnp.float32
-    assert np.isfinite(float(value))
-    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
-    # Intermediates: one block_out / branch_out per block, spatial 16 -> 8 in stage 1.
-    assert eval_inter["stage0_block0"]["block_out"][0].shape == (2, 16, 16, 16)
-    assert eval_inter["stage1_block1"]["branch_out"][0].shape == (2, 8, 8, 32)
-    # SkipInit: residual gains start at 0, so a non-transition block is the identity.
-    np.testing.assert_array_equal(
-        eval_inter["stage1_block1"]["block_out"][0], eval_inter["stage1_block0"]["block_out"][0]
+
+def test_intermediates_per_block_and_stride_pattern():
+    model = NFNet(small=True, **TINY)
+    x = jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32)
+    variables = jax.eval_shape(
+        lambda x: model.init({"params": jax.random.key(0)}, x, train=False), x
     )
-    # Dropout/stochastic depth only in training: eval is deterministic.
-    logits2 = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))(
-        variables["params"], x
+    _, state = jax.eval_shape(
+        lambda v, x: model.apply(v, x, train=False, mutable=["intermediates"]), variables, x
     )
-    np.testing.assert_allclose(logits, logits2, rtol=1e-6)
+    inter = state["intermediates"]
+    assert sorted(inter) == ["stage0_block0", "stage1_block0", "stage1_block1"]
+    assert inter["stage0_block0"]["block_out"][0].shape == (2, 16, 16, 16)
+    assert inter["stage1_block1"]["branch_out"][0].shape == (2, 8, 8, 32)
 
 
 def test_bf16_compute_keeps_f32_params_and_logits():
