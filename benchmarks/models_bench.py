@@ -7,7 +7,9 @@ update on softmax cross-entropy, with the batch-norm models also updating their
 running statistics (``mutable=["batch_stats"]``). Each step function is compiled
 and warmed up first; then the models of a pair are timed in interleaved rounds (so
 background load hits them alike) and the median images/s per model is reported
-with the ratio NF / BN (> 1: the NF model is faster).
+with the ratio NF / BN (> 1: the NF model is faster). XLA's cost-model FLOP
+estimate per image (forward + backward + update, from the lowered step) is printed
+alongside: it does not depend on machine load, unlike the timings.
 
 Pairs (default, CPU-sized):
 
@@ -138,11 +140,21 @@ def _run(step, state, batch, key):
     return out[:3]
 
 
-def time_pair(pair: tuple[Case, ...], rounds: int, warmup: int) -> list[tuple[Case, float]]:
-    """Median images/s of each case, timed in interleaved rounds after compile + warm-up."""
+def step_gflops(step, state, batch) -> float:
+    """XLA's cost-model estimate of one step's floating-point work (GFLOP), load-free."""
+    cost = step.lower(*state, *batch, jax.random.key(0)).cost_analysis()
+    if isinstance(cost, list | tuple):  # older jax: one dict per computation
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", float("nan"))) / 1e9
+
+
+def time_pair(pair: tuple[Case, ...], rounds: int, warmup: int) -> list[tuple[Case, float, float]]:
+    """Per case: median images/s (interleaved rounds after compile + warm-up) and GFLOP/image."""
     built = []
+    flops = []
     for case in pair:
         step, state, batch = make_step(case)
+        flops.append(step_gflops(step, state, batch) / case.batch)
         start = time.perf_counter()
         state = _run(step, state, batch, jax.random.key(0))
         compile_s = time.perf_counter() - start
@@ -155,7 +167,10 @@ def time_pair(pair: tuple[Case, ...], rounds: int, warmup: int) -> list[tuple[Ca
             start = time.perf_counter()
             entry[2] = _run(step, state, batch, jax.random.key(r))
             times.append(time.perf_counter() - start)
-    return [(case, case.batch / statistics.median(times)) for case, _, _, _, times, _ in built]
+    return [
+        (case, case.batch / statistics.median(times), gflop)
+        for (case, _, _, _, times, _), gflop in zip(built, flops, strict=True)
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -170,14 +185,16 @@ def main(argv: list[str] | None = None) -> None:
         f"{jax.device_count()} device(s), {platform.processor() or platform.machine()}; "
         f"median of {args.rounds} interleaved steps after {args.warmup} warm-up\n"
     )
-    print("| model | input | batch | images/s | NF / BN |")
-    print("|---|---|---|---|---|")
+    print("| model | input | batch | images/s | NF / BN speed | GFLOP/image (XLA estimate) |")
+    print("|---|---|---|---|---|---|")
     for pair in _pairs(args.preset):
         results = time_pair(pair, args.rounds, args.warmup)
-        for i, (case, ips) in enumerate(results):
+        for i, (case, ips, gflop) in enumerate(results):
             h, w, c = case.image
             ratio = f"{ips / results[1][1]:.2f}" if i == 0 and len(results) == 2 else ""
-            print(f"| {case.label} | {h}x{w}x{c} | {case.batch} | {ips:.1f} | {ratio} |")
+            print(
+                f"| {case.label} | {h}x{w}x{c} | {case.batch} | {ips:.1f} | {ratio} | {gflop:.2f} |"
+            )
 
 
 if __name__ == "__main__":

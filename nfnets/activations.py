@@ -10,11 +10,11 @@ Two sources of gammas live here:
 * :func:`activation_gamma` computes the definition in float64 numpy by Gauss
   quadrature (exact to ~1e-14).
 * :data:`PUBLISHED_GAMMAS` are the constants of DeepMind's reference code
-  (estimated there by sampling). The models use these, so that parameters trained
-  with, or ported from, the reference give identical activations. They differ from
-  the exact values in the third or fourth digit, e.g. ReLU:
-  exact ``sqrt(2 / (1 - 1/pi)) = 1.712859`` vs published ``1.7139588594``
-  (0.06 % larger). At initialisation the difference is immaterial for signal
+  (numerical estimates, e.g. by sampling as in the paper's appendix). The models use
+  these, so that parameters trained with, or ported from, the reference give
+  identical activations. Every published value is 0.03-0.09 % above the exact one,
+  e.g. ReLU: exact ``sqrt(2 / (1 - 1/pi)) = 1.712859`` vs published
+  ``1.7139588594`` (0.06 % larger). At initialisation the difference is immaterial for signal
   propagation; after training a model with one constant, switching it would shift
   every activation's scale, hence the choice.
 """
@@ -47,7 +47,7 @@ ACTIVATIONS: dict[str, Activation] = {
     "identity": _identity,
 }
 
-# DeepMind nfnets/base.py `nonlinearities` (sampled estimates of 1 / std(g(z))).
+# DeepMind nfnets/base.py `nonlinearities` (numerical estimates of 1 / std(g(z))).
 PUBLISHED_GAMMAS: dict[str, float] = {
     "relu": 1.7139588594436646,
     "gelu": 1.7015043497085571,
