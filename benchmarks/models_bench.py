@@ -18,6 +18,13 @@ Pairs (default, CPU-sized):
 2. ``nf_resnet26_small`` vs its BN twin (``resnet50_v2_small`` with depths
    (2, 2, 2, 2), i.e. the same ResNet-26 layout), 28x28x1 images, batch 32.
 
+Reading the numbers: scaled weight standardization re-standardizes every conv
+kernel in the forward and the backward pass of every step, a cost proportional to
+the parameter count and independent of the batch, while batch norm's cost grows
+with the activations. At small batches and images on a CPU the NF step can
+therefore be a little slower despite equal FLOPs (XLA's compiled cost model shows
+more bytes accessed); the gap closes as batch x resolution grows.
+
 Stochastic depth and dropout are off in both models of a pair, so the comparison
 is architecture against architecture. ``--preset accelerator`` instead times
 NFNet-F0 at 192px (alone: the registry has no BN NFNet) and NF-ResNet-50 vs
