@@ -23,7 +23,7 @@ kernel in the forward and the backward pass of every step, a cost proportional t
 the parameter count and independent of the batch, while batch norm's cost grows
 with the activations. At small batches and images on a CPU the NF step can
 therefore be a little slower despite equal FLOPs (XLA's compiled cost model shows
-more bytes accessed); the gap closes as batch x resolution grows.
+more bytes accessed); the gap should shrink as batch x resolution grows.
 
 Stochastic depth and dropout are off in both models of a pair, so the comparison
 is architecture against architecture. ``--preset accelerator`` instead times
