@@ -1,0 +1,187 @@
+"""Normalizing with the input's own statistics, differentiated in closed form.
+
+Batch norm (train mode), group norm, layer norm and instance norm all compute::
+
+    y = (x - mean) * rsqrt(var + eps) * scale + bias
+
+with ``mean``/``var`` the statistics of ``x`` itself over some population of
+values (a :class:`Population`): per channel over the batch and spatial axes (and
+devices) for batch norm, per example and channel group for group norm.
+:func:`standardize` does that once for all of them, with a closed-form JVP
+(forward and reverse mode, any order) instead of differentiating the two-pass
+statistics. Writing ``E`` for the average over a statistic's (unmasked)
+population and ``xhat = (x - mean) * r``, ``r = rsqrt(var + eps)``::
+
+    d mean = E[dx]
+    d var  = 2 E[(x - mean) dx]
+    d y    = scale * r * (dx - d mean - xhat * E[xhat dx]) + xhat * d scale + d bias
+
+Every full-size term of the linear map is ``dx`` or ``x - mean`` times a small
+per-statistic array, so its transpose (the backward pass) is two reductions
+(``sum(ct)`` and ``sum((x - mean) * ct)``, then one collective for both under
+``axis_name``) and one elementwise pass. The sums are taken around the mean, never
+as ``sum(x * ct) - mean * sum(ct)``, so large-mean inputs lose no precision; for
+batch norm ``x - mean`` is the very array the forward pass formed for ``M2``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
+
+from norms.moments import local_moments, merge_across_devices, merge_moments
+
+
+@dataclasses.dataclass(frozen=True)
+class Population:
+    """Which values of ``x`` each statistic covers.
+
+    Three stages, from ``x`` to the statistics:
+
+    1. ``axes``: reduced locally with ``keepdims`` -> the *partial* layout
+       (``x``'s shape with those axes set to 1), e.g. ``(1, 1, 1, C)`` for batch
+       norm on NHWC, ``(N, 1, 1, C)`` for group norm.
+    2. ``num_groups``: if set, the LAST axis (channels) is merged in that many
+       contiguous groups -> last axis ``G`` (group norm); otherwise unchanged.
+    3. ``axis_name``/``axis_index_groups``: merged across devices (one collective
+       per call in the forward pass, one in the backward pass).
+
+    The result is the *statistics* layout, broadcastable against ``x`` after
+    :meth:`expand`. Hashable (a static argument of :func:`standardize`).
+    """
+
+    axes: tuple[int, ...]
+    num_groups: int | None = None
+    axis_name: str | tuple[str, ...] | None = None
+    axis_index_groups: tuple[tuple[int, ...], ...] | None = None
+
+    @staticmethod
+    def of(axes, num_groups=None, axis_name=None, axis_index_groups=None) -> Population:
+        """Builds a population, turning list arguments into (hashable) tuples."""
+        if isinstance(axis_name, list):
+            axis_name = tuple(axis_name)
+        if axis_index_groups is not None:
+            axis_index_groups = tuple(tuple(int(i) for i in g) for g in axis_index_groups)
+        return Population(tuple(axes), num_groups, axis_name, axis_index_groups)
+
+    def _grouped(self, t: jax.Array) -> jax.Array:
+        c = t.shape[-1]
+        return t.reshape(t.shape[:-1] + (self.num_groups, c // self.num_groups))
+
+    def merge(self, count, mean, m2):
+        """Partial-layout ``(count, mean, M2)`` -> statistics layout (Chan's merge)."""
+        if self.num_groups is not None:
+            count, mean, m2 = merge_moments(
+                *(self._grouped(t) for t in jnp.broadcast_arrays(count, mean, m2)), axis=-1
+            )
+        return merge_across_devices(count, mean, m2, self.axis_name, self.axis_index_groups)
+
+    def total(self, sums: jax.Array) -> jax.Array:
+        """Partial-layout sums (any leading stack axes) -> sums over whole populations."""
+        if self.num_groups is not None:
+            sums = jnp.sum(self._grouped(sums), axis=-1)
+        if self.axis_name is not None:
+            sums = jax.lax.psum(sums, self.axis_name, axis_index_groups=self.axis_index_groups)
+        return sums
+
+    def expand(self, t: jax.Array, channels: int) -> jax.Array:
+        """Statistics layout -> partial layout (repeats each group's value over its channels)."""
+        if self.num_groups is None:
+            return t
+        return jnp.repeat(t, channels // self.num_groups, axis=-1)
+
+
+def _is_zero(t) -> bool:
+    return t is None or isinstance(t, SymbolicZero)
+
+
+def _forward(pop: Population, eps: float, x, scale, bias, mask):
+    """Primal outputs ``(y, mean, var, count)`` plus what the JVP reuses."""
+    c = x.shape[-1] if pop.num_groups is not None else None
+    count, mean, m2 = pop.merge(*local_moments(x, pop.axes, mask, keepdims=True))
+    var = m2 / jnp.maximum(count, 1.0)
+    r = jax.lax.rsqrt(var + eps)
+    r_p = pop.expand(r, c)
+    mean_p = pop.expand(mean, c)
+    a = r_p if scale is None else r_p * scale
+    y = (x - mean_p) * a
+    if bias is not None:
+        y = y + bias
+    return (y, mean, var, count), (mean_p, r, r_p, a)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _standardize(pop, eps, x, scale, bias, mask):
+    return _forward(pop, eps, x, scale, bias, mask)[0]
+
+
+@functools.partial(_standardize.defjvp, symbolic_zeros=True)
+def _standardize_jvp(pop, eps, primals, tangents):
+    """Closed-form JVP; see the module docstring for the formulas."""
+    x, scale, bias, mask = primals
+    dx, dscale, dbias, _ = tangents
+    out, (mean_p, r, r_p, a) = _forward(pop, eps, x, scale, bias, mask)
+    y, mean, var, count = out
+    c = x.shape[-1] if pop.num_groups is not None else None
+    xc = x - mean_p
+    # dy = a * dx + alpha + xc * beta, alpha and beta in the partial layout.
+    alpha = beta = None
+    dmean = dvar = jnp.zeros_like(mean)
+    if not _is_zero(dx):
+        wdx = dx if mask is None else jnp.where(mask, dx, 0.0)
+        s1 = jnp.sum(wdx, axis=pop.axes, keepdims=True)
+        s2 = jnp.sum(xc * wdx, axis=pop.axes, keepdims=True)
+        s1, s2 = pop.total(jnp.stack(jnp.broadcast_arrays(s1, s2)))
+        inv = 1.0 / jnp.maximum(count, 1.0)
+        dmean = s1 * inv
+        dvar = 2.0 * s2 * inv
+        beta = -a * pop.expand(r * r * s2 * inv, c)
+        alpha = -a * pop.expand(dmean, c)
+    if scale is not None and not _is_zero(dscale):
+        t = r_p * dscale
+        beta = t if beta is None else beta + t
+    if bias is not None and not _is_zero(dbias):
+        alpha = dbias if alpha is None else alpha + dbias
+    dy = None if _is_zero(dx) else a * dx
+    for term in (alpha, None if beta is None else xc * beta):
+        if term is not None:
+            dy = term if dy is None else dy + term
+    dy = jnp.zeros_like(y) if dy is None else jnp.broadcast_to(dy, y.shape)
+    return out, (dy, dmean, dvar, jnp.zeros_like(count))
+
+
+def standardize(
+    x: jax.Array,
+    pop: Population,
+    scale: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    *,
+    eps: float,
+    mask: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """``(x - mean) * rsqrt(var + eps) * scale + bias`` with ``x``'s own statistics.
+
+    Args:
+      x: input in the statistics dtype (float32 or wider; the caller casts).
+      pop: which values each statistic covers (:class:`Population`).
+      scale, bias: ``None`` or arrays broadcastable against the partial layout
+        (e.g. ``(C,)`` on a last channel axis, or a channel-shaped
+        ``(1, C, 1, 1)``), in ``x``'s dtype.
+      eps: added to the variance inside the rsqrt.
+      mask: ``None`` or a boolean array of ``x``'s shape; only True values enter
+        the statistics (every value is normalized with them).
+
+    Returns:
+      ``(y, mean, var, count)``: ``y`` like ``x``; ``mean``, biased ``var`` and
+      ``count`` (values behind each statistic, over devices) in the statistics
+      layout. All four are differentiable (``count`` has zero derivative);
+      callers that only record the statistics should ``stop_gradient`` them.
+    """
+    return _standardize(pop, float(eps), x, scale, bias, mask)
+
+
+__all__ = ["Population", "standardize"]
