@@ -41,7 +41,6 @@ from norms.batch_renorm import BatchRenormState, batch_renorm
 from norms.evo_norm import evonorm_b0, evonorm_s0
 from norms.filter_response_norm import filter_response_norm
 from norms.group_norm import group_norm, instance_norm, layer_norm
-from norms.moments import moments
 from norms.switchable_norm import switchable_norm
 
 Initializer = Callable[..., jax.Array]
@@ -99,31 +98,18 @@ class _Stateful(_Affine):
     def on_stale_now(self, on_stale: str) -> str:
         return "ignore" if self.is_initializing() else on_stale
 
-    def write_state(self, train: bool, variables, new_state) -> None:
-        if train and not self.is_initializing():
-            for v, value in zip(variables, new_state, strict=True):
-                v.value = value
+    def record(self, train: bool, variables, new_state, batch_moments) -> None:
+        """After a call: writes the new running state and sows the batch moments.
 
-    def sow_moments(self, train: bool, mean, var, count) -> None:
-        if train and not self.is_initializing():
-            for key, value in (("mean", mean), ("var", var), ("count", count)):
-                self.sow("batch_moments", key, value, init_fn=lambda: None, reduce_fn=_latest)
-
-    def wants_moments(self, train: bool) -> bool:
-        return train and not self.is_initializing() and self.is_mutable_collection("batch_moments")
-
-    def sow_batch_moments_of(self, x, axis, axis_name, axis_index_groups, mask) -> None:
-        """Sows per-channel batch moments of ``x`` (for modules whose function hides them)."""
-        ax = axis % x.ndim
-        mean, var, count = moments(
-            x,
-            tuple(a for a in range(x.ndim) if a != ax),
-            axis_name=axis_name,
-            axis_index_groups=axis_index_groups,
-            mask=mask,
-        )
-        stop = jax.lax.stop_gradient
-        self.sow_moments(True, stop(mean), stop(var), stop(count))
+        Only in training and never during init. The (C,) ``mean``/``var``/``count``
+        go to the ``"batch_moments"`` collection (stored only when it is mutable).
+        """
+        if not train or self.is_initializing():
+            return
+        for v, value in zip(variables, new_state, strict=True):
+            v.value = value
+        for key, value in zip(("mean", "var", "count"), batch_moments, strict=True):
+            self.sow("batch_moments", key, value, init_fn=lambda: None, reduce_fn=_latest)
 
 
 def _latest(_, new):
@@ -171,9 +157,7 @@ class BatchNorm(_Stateful):
             on_stale=self.on_stale_now(self.on_stale),
             return_batch_stats=True,
         )
-        self.write_state(train, variables, new_state)
-        if train:
-            self.sow_moments(train, *batch_moments)
+        self.record(train, variables, new_state, batch_moments)
         return self.out(y)
 
 
@@ -215,9 +199,7 @@ class BatchRenorm(_Stateful):
             on_stale=self.on_stale_now(self.on_stale),
             return_batch_stats=True,
         )
-        self.write_state(train, variables, new_state)
-        if train:
-            self.sow_moments(train, *batch_moments)
+        self.record(train, variables, new_state, batch_moments)
         return self.out(y)
 
 
@@ -239,7 +221,7 @@ class SwitchableNorm(_Stateful):
         scale, bias = self.affine(c)
         mean_logits = self.param("mean_logits", nn.initializers.zeros, (3,), self.param_dtype)
         var_logits = self.param("var_logits", nn.initializers.zeros, (3,), self.param_dtype)
-        y, new_state = switchable_norm(
+        y, new_state, batch_moments = switchable_norm(
             x,
             state,
             scale,
@@ -254,10 +236,9 @@ class SwitchableNorm(_Stateful):
             axis_index_groups=self.axis_index_groups,
             mask=mask,
             on_stale=self.on_stale_now(self.on_stale),
+            return_batch_stats=True,
         )
-        self.write_state(train, variables, new_state)
-        if self.wants_moments(train):
-            self.sow_batch_moments_of(x, self.axis, self.axis_name, self.axis_index_groups, mask)
+        self.record(train, variables, new_state, batch_moments)
         return self.out(y)
 
 
@@ -278,7 +259,7 @@ class EvoNormB0(_Stateful):
         variables, state = self.running_state(c)
         scale, bias = self.affine(c)
         v = self.channel_param("v", nn.initializers.ones, c)
-        y, new_state = evonorm_b0(
+        y, new_state, batch_moments = evonorm_b0(
             x,
             state,
             scale,
@@ -292,10 +273,9 @@ class EvoNormB0(_Stateful):
             axis_index_groups=self.axis_index_groups,
             mask=mask,
             on_stale=self.on_stale_now(self.on_stale),
+            return_batch_stats=True,
         )
-        self.write_state(train, variables, new_state)
-        if self.wants_moments(train):
-            self.sow_batch_moments_of(x, self.axis, self.axis_name, self.axis_index_groups, mask)
+        self.record(train, variables, new_state, batch_moments)
         return self.out(y)
 
 

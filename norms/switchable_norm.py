@@ -111,7 +111,6 @@ def switchable_norm(
     check_momentum(momentum, who)
     check_eps(eps, who)
     check_on_stale(on_stale, who)
-    check_axis_name(axis_name, who)
 
     m2_in = var_in * count_in
     # Layer norm moments: merge the instance moments over the channels.
@@ -120,6 +119,7 @@ def switchable_norm(
     var_ln = m2_ln[..., None] / jnp.maximum(cnt_ln[..., None], 1.0)
 
     if train:
+        check_axis_name(axis_name, who)  # eval never uses it (init outside pmap works)
         if xl.size // c == 1 and axis_name is None:
             raise ValueError(
                 f"{who}: training would reduce the BN branch over one value per channel "

@@ -167,3 +167,34 @@ def test_dtypes_and_zero_scale_init():
     assert y.dtype == jnp.bfloat16 and variables["params"]["scale"].dtype == jnp.bfloat16
     assert upd["batch_stats"]["mean"].dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(y, np.float32), 0.0)  # zero scale, zero bias
+
+
+@pytest.mark.parametrize("name", ["switchable_norm", "evonorm_b0"])
+def test_sown_batch_moments_equal_float64_masked_statistics(name):
+    # The modules sow the moments their function returns (no second computation).
+    mask = np.ones((4, 1, 1, 1), bool)
+    mask[2] = False
+    module = L.make(name)
+    variables = module.init(jax.random.key(0), X, train=False)
+    _, upd = module.apply(
+        variables, X, train=True, mask=mask, mutable=["batch_stats", "batch_moments"]
+    )
+    kept = np.asarray(X, np.float64)[mask[:, 0, 0, 0]]
+    m = upd["batch_moments"]
+    np.testing.assert_allclose(m["mean"], kept.mean((0, 1, 2)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m["var"], kept.var((0, 1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(m["count"], 12)
+
+
+@pytest.mark.parametrize("name", ["switchable_norm", "evonorm_b0"])
+def test_sync_layer_sowing_batch_moments_emits_one_collective(name):
+    module = L.make(name, axis_name="batch")
+    x = jnp.ones((jax.device_count(), 2, 2, 2, 4))
+    variables = module.init(jax.random.key(0), x[0], train=False)
+
+    def fwd(v, x):
+        return module.apply(v, x, train=True, mutable=["batch_stats", "batch_moments"])
+
+    hlo = jax.pmap(fwd, axis_name="batch", in_axes=(None, 0)).lower(variables, x).as_text()
+    ops = ("all_gather", "all_reduce", "reduce_scatter", "all_to_all")
+    assert sum(hlo.count(f'stablehlo.{op}"') for op in ops) == 1

@@ -176,3 +176,12 @@ def test_errors():
         norms.switchable_norm(x[:, 0, 0], st, s, b, ml, vl, train=True)
     with pytest.raises(ValueError, match="axis_name='nope'"):
         norms.switchable_norm(x, st, s, b, ml, vl, train=True, axis_name="nope")
+
+
+def test_eval_ignores_axis_name_so_sync_layers_init_outside_pmap():
+    # axis_name only matters for batch statistics; eval (and flax init) run anywhere.
+    x, s, b, ml, vl = data()
+    st = norms.init_batch_norm_state(6)._replace(count=jnp.ones((), jnp.int32))
+    y, _ = norms.switchable_norm(x, st, s, b, ml, vl, train=False, axis_name="batch")
+    y0, _ = norms.switchable_norm(x, st, s, b, ml, vl, train=False)
+    np.testing.assert_array_equal(y, y0)
