@@ -69,6 +69,22 @@ class TrainState:
     num_skipped: jax.Array
 
 
+def init_variables(
+    model: nn.Module, rng: jax.Array, images: jax.Array, axis_name: str | None = "batch"
+) -> PyTree:
+    """``model.init`` in eval mode with ``axis_name`` bound (a size-1 vmap axis).
+
+    Norms built with ``axis_name`` (SyncBN) may check at trace time that the axis
+    exists; binding it lets the same model be initialised outside pmap.
+    Not jitted (call it under ``jax.jit`` or ``jax.eval_shape``).
+    """
+    init = lambda: model.init({"params": rng}, images, train=False)
+    if axis_name is None:
+        return init()
+    batched = jax.vmap(lambda _: init(), axis_name=axis_name)(jnp.zeros((1,)))
+    return jax.tree.map(lambda x: x[0], batched)
+
+
 def create_train_state(
     model: nn.Module,
     tx: optax.GradientTransformation,
@@ -76,10 +92,11 @@ def create_train_state(
     image_shape: tuple[int, ...],
     *,
     use_ema: bool = False,
+    axis_name: str | None = "batch",
 ) -> TrainState:
     """Initialises parameters on one example of shape ``image_shape`` (H, W, C), unreplicated."""
     dummy = jnp.zeros((1, *image_shape), jnp.float32)
-    variables = jax.jit(lambda k: model.init({"params": k}, dummy, train=False))(rng)
+    variables = jax.jit(lambda k: init_variables(model, k, dummy, axis_name))(rng)
     params = variables["params"]
     batch_stats = variables.get("batch_stats", {})
     return TrainState(
