@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from norms.checks import channel_params
 from norms.moments import broadcast_mask, check_axis_name, merge_moments, moments, stats_dtype
 from norms.standardize import Population, standardize
 
@@ -97,19 +98,6 @@ def channel_axis(x: jax.Array, axis: int, who: str) -> int:
     return axis % x.ndim
 
 
-def check_param_shape(param, num_channels: int, name: str, x_shape, axis: int, who: str):
-    """Checks that a per-channel parameter has shape (C,); returns it as an array or None."""
-    if param is None:
-        return None
-    param = jnp.asarray(param)
-    if param.shape != (num_channels,):
-        raise ValueError(
-            f"{who}: {name} has shape {param.shape} but the input of shape {tuple(x_shape)} "
-            f"has {num_channels} channels on axis {axis}; give {name} shape ({num_channels},)."
-        )
-    return param
-
-
 def check_state(state, num_channels: int, x_shape, axis: int, who: str) -> None:
     """Checks that running mean/var have shape (C,)."""
     for name in ("mean", "var"):
@@ -140,6 +128,17 @@ def check_eps(eps, who: str) -> None:
 def check_on_stale(on_stale: str, who: str) -> None:
     if on_stale not in ON_STALE:
         raise ValueError(f"{who}: on_stale={on_stale!r}; choose one of {ON_STALE}")
+
+
+def check_running_args(state, x_shape, axis: int, momentum, eps, on_stale: str, who: str):
+    """The checks every stateful norm runs on its state and hyper-parameters.
+
+    ``axis`` is the (non-negative) channel axis of an input of shape ``x_shape``.
+    """
+    check_state(state, x_shape[axis], x_shape, axis, who)
+    check_momentum(momentum, who)
+    check_eps(eps, who)
+    check_on_stale(on_stale, who)
 
 
 def _channel_shape(ndim: int, axis: int, num_channels: int) -> tuple[int, ...]:
@@ -337,13 +336,8 @@ def prepare(x, state, scale, bias, *, axis, momentum, eps, on_stale, who):
     """Entry checks shared by the stateful norms; returns ``(x, channel_axis, scale, bias)``."""
     x = jnp.asarray(x)
     ax = channel_axis(x, axis, who)
-    c = x.shape[ax]
-    scale = check_param_shape(scale, c, "scale", x.shape, axis, who)
-    bias = check_param_shape(bias, c, "bias", x.shape, axis, who)
-    check_state(state, c, x.shape, axis, who)
-    check_momentum(momentum, who)
-    check_eps(eps, who)
-    check_on_stale(on_stale, who)
+    scale, bias = channel_params(who, x.shape, ax, scale=scale, bias=bias)
+    check_running_args(state, x.shape, ax, momentum, eps, on_stale, who)
     return x, ax, scale, bias
 
 

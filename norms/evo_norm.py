@@ -21,28 +21,13 @@ import jax.numpy as jnp
 from norms.batch_norm import (
     BatchMoments,
     BatchNormState,
-    check_eps,
-    check_momentum,
-    check_on_stale,
+    check_running_args,
     check_stale,
-    check_state,
     update_running_stats,
 )
-from norms.group_norm import (
-    channels_last,
-    check_param,
-    grouped_moments,
-    mask_channels_last,
-    per_channel,
-)
+from norms.checks import channel_params, require_spatial
+from norms.group_norm import channels_last, grouped_moments, mask_channels_last, per_channel
 from norms.moments import moments, stats_dtype
-
-
-def _require_spatial(xl: jax.Array, shape, who: str) -> None:
-    if xl.ndim < 3:
-        raise ValueError(
-            f"{who}: input of shape {shape} has no spatial axis; expected (N, *spatial, C)"
-        )
 
 
 def evonorm_b0(
@@ -92,16 +77,11 @@ def evonorm_b0(
     who = "evonorm_b0"
     shape = jnp.shape(x)
     xl, axis = channels_last(x, axis, who)
-    _require_spatial(xl, shape, who)
+    require_spatial(xl.ndim, shape, who, "the instance variance needs one")
     c = xl.shape[-1]
     dt = stats_dtype(xl.dtype)
-    scale = check_param(scale, c, "scale", who, dt)
-    bias = check_param(bias, c, "bias", who, dt)
-    v = check_param(v, c, "v", who, dt)
-    check_state(state, c, shape, axis, who)
-    check_momentum(momentum, who)
-    check_eps(eps, who)
-    check_on_stale(on_stale, who)
+    scale, bias, v = channel_params(who, shape, axis, dt, scale=scale, bias=bias, v=v)
+    check_running_args(state, shape, axis, momentum, eps, on_stale, who)
     m = mask_channels_last(mask, shape, axis, who)
     if train:
         if xl.size // c == 1 and axis_name is None:
@@ -174,13 +154,11 @@ def evonorm_s0(
     who = "evonorm_s0"
     shape = jnp.shape(x)
     xl, axis = channels_last(x, axis, who)
-    _require_spatial(xl, shape, who)
+    require_spatial(xl.ndim, shape, who, "the group variance needs one")
     c = xl.shape[-1]
     g = evonorm_s0_groups(c, num_groups)
     dt = stats_dtype(xl.dtype)
-    scale = check_param(scale, c, "scale", who, dt)
-    bias = check_param(bias, c, "bias", who, dt)
-    v = check_param(v, c, "v", who, dt)
+    scale, bias, v = channel_params(who, shape, axis, dt, scale=scale, bias=bias, v=v)
     _, var_g, _ = grouped_moments(xl, g)
     inv = per_channel(jax.lax.rsqrt(var_g + eps), c)
     xf = xl.astype(dt)

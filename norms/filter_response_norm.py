@@ -10,7 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from norms.group_norm import channels_last, check_param
+from norms.checks import channel_params
+from norms.group_norm import channels_last
 from norms.moments import moments, stats_dtype
 
 
@@ -53,9 +54,7 @@ def filter_response_norm(
     xl, axis = channels_last(x, axis, who)
     c = xl.shape[-1]
     dt = stats_dtype(xl.dtype)
-    scale = check_param(scale, c, "scale", who, dt)
-    bias = check_param(bias, c, "bias", who, dt)
-    tau = check_param(tau, c, "tau", who, dt)
+    scale, bias, tau = channel_params(who, jnp.shape(x), axis, dt, scale=scale, bias=bias, tau=tau)
     eps_eff = jnp.abs(jnp.asarray(eps, dt))
     if learned_eps is not None:
         learned_eps = jnp.asarray(learned_eps)

@@ -19,9 +19,12 @@ the time of flax's GroupNorm fwd+bwd on CPU; benchmarks/norms_bench.py).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
+from norms.checks import channel_params, require_spatial
 from norms.moments import broadcast_mask, merge_moments, moments, normalize_axes, stats_dtype
 from norms.standardize import Population, standardize
 
@@ -44,20 +47,6 @@ def channels_last(x: jax.Array, axis: int, who: str) -> tuple[jax.Array, int]:
             "NHWC or axis=1 for NCHW"
         )
     return jnp.moveaxis(x, axis, -1), axis
-
-
-def check_param(p: jax.Array | None, channels: int, name: str, who: str, dtype) -> jax.Array | None:
-    """Checks that a per-channel parameter has shape ``(C,)`` and casts it to ``dtype``."""
-    if p is None:
-        return None
-    p = jnp.asarray(p)
-    if p.shape != (channels,):
-        raise ValueError(
-            f"{who}: {name} has shape {p.shape} but the input has {channels} channels on "
-            f"its channel axis; expected shape ({channels},) (check `axis` and that the "
-            "parameter is per channel)"
-        )
-    return p.astype(dtype)
 
 
 def mask_channels_last(mask, shape: tuple[int, ...], axis: int, who: str):
@@ -151,6 +140,20 @@ def normalize_grouped(
     return standardize(x.astype(dt), pop, scale, bias, eps=eps, mask=mask)[0]
 
 
+def _normalize_channels_last(who, num_groups, x, scale, bias, eps, axis, mask, spatial=False):
+    """Shared body: checks, channels last, ``num_groups(C)`` groups, back to ``axis``."""
+    shape = jnp.shape(x)
+    xl, axis = channels_last(x, axis, who)
+    if spatial:
+        require_spatial(xl.ndim, shape, who, "each statistic would cover one value")
+    c = xl.shape[-1]
+    g = num_groups(c)
+    scale, bias = channel_params(who, shape, axis, stats_dtype(xl.dtype), scale=scale, bias=bias)
+    m = mask_channels_last(mask, shape, axis, who)
+    y = normalize_grouped(xl, g, scale, bias, eps, m)
+    return jnp.moveaxis(y.astype(xl.dtype), -1, axis)
+
+
 def group_norm(
     x: jax.Array,
     scale: jax.Array | None = None,
@@ -182,17 +185,8 @@ def group_norm(
     ``G = 1`` is layer norm over ``(H, W, C)``; ``G = C`` is instance norm.
     Statistics in float32 (or wider); output in ``x``'s dtype.
     """
-    who = "group_norm"
-    shape = jnp.shape(x)
-    xl, axis = channels_last(x, axis, who)
-    c = xl.shape[-1]
-    g = resolve_num_groups(c, num_groups, group_size)
-    dt = stats_dtype(xl.dtype)
-    scale = check_param(scale, c, "scale", who, dt)
-    bias = check_param(bias, c, "bias", who, dt)
-    m = mask_channels_last(mask, shape, axis, who)
-    y = normalize_grouped(xl, g, scale, bias, eps, m)
-    return jnp.moveaxis(y.astype(xl.dtype), -1, axis)
+    groups = functools.partial(resolve_num_groups, num_groups=num_groups, group_size=group_size)
+    return _normalize_channels_last("group_norm", groups, x, scale, bias, eps, axis, mask)
 
 
 def layer_norm(
@@ -213,16 +207,7 @@ def layer_norm(
     ``reduction_axes`` = the non-batch axes and ``feature_axes=-1``.
     ``mask`` as in :func:`group_norm`.
     """
-    who = "layer_norm"
-    shape = jnp.shape(x)
-    xl, axis = channels_last(x, axis, who)
-    c = xl.shape[-1]
-    dt = stats_dtype(xl.dtype)
-    scale = check_param(scale, c, "scale", who, dt)
-    bias = check_param(bias, c, "bias", who, dt)
-    m = mask_channels_last(mask, shape, axis, who)
-    y = normalize_grouped(xl, 1, scale, bias, eps, m)
-    return jnp.moveaxis(y.astype(xl.dtype), -1, axis)
+    return _normalize_channels_last("layer_norm", lambda c: 1, x, scale, bias, eps, axis, mask)
 
 
 def instance_norm(
@@ -242,19 +227,6 @@ def instance_norm(
     (with none every statistic would cover a single value). ``mask`` as in
     :func:`group_norm`.
     """
-    who = "instance_norm"
-    shape = jnp.shape(x)
-    xl, axis = channels_last(x, axis, who)
-    if xl.ndim < 3:
-        raise ValueError(
-            f"instance_norm: input of shape {shape} has no spatial axis, so each "
-            "statistic would cover one value; use an (N, ..., C) input with spatial axes "
-            "or layer_norm"
-        )
-    c = xl.shape[-1]
-    dt = stats_dtype(xl.dtype)
-    scale = check_param(scale, c, "scale", who, dt)
-    bias = check_param(bias, c, "bias", who, dt)
-    m = mask_channels_last(mask, shape, axis, who)
-    y = normalize_grouped(xl, c, scale, bias, eps, m)
-    return jnp.moveaxis(y.astype(xl.dtype), -1, axis)
+    return _normalize_channels_last(
+        "instance_norm", lambda c: c, x, scale, bias, eps, axis, mask, spatial=True
+    )

@@ -26,14 +26,12 @@ import jax.numpy as jnp
 from norms.batch_norm import (
     BatchMoments,
     BatchNormState,
-    check_eps,
-    check_momentum,
-    check_on_stale,
+    check_running_args,
     check_stale,
-    check_state,
     update_running_stats,
 )
-from norms.group_norm import channels_last, check_param, mask_channels_last
+from norms.checks import channel_params, require_spatial
+from norms.group_norm import channels_last, mask_channels_last
 from norms.moments import check_axis_name, merge_across_devices, merge_moments, moments
 
 
@@ -94,23 +92,15 @@ def switchable_norm(
     who = "switchable_norm"
     shape = jnp.shape(x)
     xl, axis = channels_last(x, axis, who)
-    if xl.ndim < 3:
-        raise ValueError(
-            f"{who}: input of shape {shape} has no spatial axis; the IN branch needs "
-            "(N, *spatial, C) inputs with at least one spatial axis"
-        )
+    require_spatial(xl.ndim, shape, who, "the IN branch needs one")
     c = xl.shape[-1]
     m = mask_channels_last(mask, shape, axis, who)
     mean_in, var_in, count_in = moments(xl, tuple(range(1, xl.ndim - 1)), mask=m, keepdims=True)
     dt = mean_in.dtype
-    scale = check_param(scale, c, "scale", who, dt)
-    bias = check_param(bias, c, "bias", who, dt)
+    scale, bias = channel_params(who, shape, axis, dt, scale=scale, bias=bias)
     w = jax.nn.softmax(_check_logits(mean_logits, "mean_logits", dt))
     wv = jax.nn.softmax(_check_logits(var_logits, "var_logits", dt))
-    check_state(state, c, shape, axis, who)
-    check_momentum(momentum, who)
-    check_eps(eps, who)
-    check_on_stale(on_stale, who)
+    check_running_args(state, shape, axis, momentum, eps, on_stale, who)
 
     m2_in = var_in * count_in
     # Layer norm moments: merge the instance moments over the channels.
