@@ -16,10 +16,10 @@ def ref_ws(w, eps=1e-5, axes=(0, 1, 2)):
     return (w - mean) / np.sqrt(var + eps)
 
 
-def ref_scaled_ws(w, gain=None, eps=1e-4):
+def ref_scaled_ws(w, gain=None, eps=1e-4, axes=None):
     w = np.asarray(w, np.float64)
-    axes = tuple(range(w.ndim - 1))
-    fan_in = np.prod(w.shape[:-1])
+    axes = tuple(range(w.ndim - 1)) if axes is None else axes
+    fan_in = np.prod([w.shape[a] for a in axes])
     mean = w.mean(axis=axes, keepdims=True)
     var = w.var(axis=axes, keepdims=True)
     out = (w - mean) / np.sqrt(np.maximum(var * fan_in, eps))
@@ -72,6 +72,59 @@ def test_gradients_match_finite_differences():
     gain = np.array([0.5, 1.0, 2.0], np.float32)
     assert_grads_match(lambda w, g: scaled_weight_standardize(w, g), ref_scaled_ws, (w, gain))
     assert_grads_match(weight_standardize, ref_ws, (w,))
+
+
+def test_gradients_of_1x1_kernels_subset_axes_and_scalar_gain():
+    # 1x1 kernels, an explicit subset of fan-in axes, a scalar gain.
+    w = kernel((1, 1, 6, 3), seed=2)
+    gain = np.array([0.5, 1.0, 2.0], np.float32)
+    assert_grads_match(lambda w, g: scaled_weight_standardize(w, g), ref_scaled_ws, (w, gain))
+    w = kernel((2, 3, 2, 3), seed=3)
+    assert_grads_match(
+        lambda w, g: scaled_weight_standardize(w, g, axes=(0, 1)),
+        lambda w, g: ref_scaled_ws(w, g, axes=(0, 1)),
+        (w, gain),
+    )
+    assert_grads_match(
+        lambda w, g: scaled_weight_standardize(w, g),
+        ref_scaled_ws,
+        (kernel((2, 2, 3, 4), seed=4), np.float32(1.5)),
+    )
+
+
+def test_gradient_where_eps_clips_the_variance():
+    # Channel 0 has var * fan_in < eps, so its scale is the constant eps**-0.5 and
+    # only the mean subtraction carries gradient; channel 1 is unclipped.
+    rng = np.random.default_rng(6)
+    w = np.stack([1.0 + 1e-3 * rng.normal(size=(2, 2, 3)), rng.normal(size=(2, 2, 3))], -1)
+    w = w.astype(np.float32)
+    assert float(w[..., 0].var() * 12) < 1e-4 < float(w[..., 1].var() * 12)
+    gain = np.array([0.7, 1.3], np.float32)
+    assert_grads_match(lambda w, g: scaled_weight_standardize(w, g), ref_scaled_ws, (w, gain))
+
+
+def test_forward_mode_and_second_order_derivatives():
+    # scaled_weight_standardize has a closed-form JVP; forward mode must match the
+    # float64 reference's directional derivative and grad-of-grad must work.
+    rng = np.random.default_rng(7)
+    w, gain = kernel((3, 3, 2, 4), seed=8), rng.uniform(0.5, 2.0, 4).astype(np.float32)
+    dirs = (rng.normal(size=w.shape).astype(np.float32), rng.normal(size=4).astype(np.float32))
+    cot = rng.normal(size=w.shape)
+    f = lambda w, g: jnp.sum(scaled_weight_standardize(w, g) * cot)
+    _, tangent = jax.jit(lambda p, t: jax.jvp(f, p, t))((w, gain), dirs)
+    h = 1e-6
+
+    def ref(t):
+        return np.sum(
+            ref_scaled_ws(np.float64(w) + t * dirs[0], np.float64(gain) + t * dirs[1]) * cot
+        )
+
+    np.testing.assert_allclose(tangent, (ref(h) - ref(-h)) / (2 * h), rtol=1e-3)
+    grad_w = jax.jit(jax.grad(lambda w: f(w, gain) ** 2))
+    hvp = jax.jit(lambda w, v: jax.jvp(grad_w, (w,), (v,))[1])(w, dirs[0])
+    e = 1e-2
+    fd = (grad_w(w + e * dirs[0]) - grad_w(w - e * dirs[0])) / (2 * e)
+    np.testing.assert_allclose(hvp, fd, rtol=2e-2, atol=2e-2 * float(jnp.abs(fd).max()))
 
 
 def test_constant_kernel_gives_finite_output_and_gradient():
