@@ -25,6 +25,18 @@ def _fan_in_axes(w: jax.Array, axes: Sequence[int] | None, who: str) -> tuple[in
     return axes
 
 
+def _is_leading(axes: tuple[int, ...], ndim: int) -> bool:
+    """True when ``axes`` are all the leading axes of a kernel with more than 2 dims.
+
+    The standardizations then run on the kernel reshaped (for free, row-major) to a
+    ``(fan_in, O)`` matrix and reduce over its axis 0. This is a speed fix: XLA's CPU
+    backend reduces a ``(1, 1, I, O)`` kernel over ``I`` (the size-1 axes dropped
+    from the reduction but kept in the shape) about 20x slower than the same values
+    as an ``(I, O)`` matrix, which hit every 1x1 convolution's forward and backward.
+    """
+    return ndim > 2 and axes == tuple(range(ndim - 1))
+
+
 def weight_standardize(
     w: jax.Array, *, eps: float = 1e-5, axes: Sequence[int] | None = (0, 1, 2)
 ) -> jax.Array:
@@ -40,6 +52,9 @@ def weight_standardize(
     Used with group norm ("GN+WS").
     """
     axes = _fan_in_axes(w, axes, "weight_standardize")
+    if _is_leading(axes, w.ndim):
+        # See _is_leading: same values as a (fan_in, O) matrix.
+        return weight_standardize(w.reshape(-1, w.shape[-1]), eps=eps, axes=(0,)).reshape(w.shape)
     mean, var, _ = moments(w, axes, keepdims=True)
     out = (w.astype(mean.dtype) - mean) * jax.lax.rsqrt(var + eps)
     return out.astype(w.dtype)
@@ -146,4 +161,7 @@ def scaled_weight_standardize(
                 f"scaled_weight_standardize: gain shape {gain.shape} does not match the "
                 f"kernel's {w.shape[-1]} output channels; expected ({w.shape[-1]},)"
             )
+    if _is_leading(axes, w.ndim):
+        flat = _scaled_ws((0,), float(eps), w.reshape(-1, w.shape[-1]), gain)
+        return flat.reshape(w.shape)
     return _scaled_ws(axes, float(eps), w, gain)

@@ -72,10 +72,15 @@ def test_gradients_match_finite_differences():
     gain = np.array([0.5, 1.0, 2.0], np.float32)
     assert_grads_match(lambda w, g: scaled_weight_standardize(w, g), ref_scaled_ws, (w, gain))
     assert_grads_match(weight_standardize, ref_ws, (w,))
+    assert_grads_match(weight_standardize, ref_ws, (kernel((1, 1, 5, 3)),))
+    assert_grads_match(
+        lambda w: weight_standardize(w, axes=(0, 2)), lambda w: ref_ws(w, axes=(0, 2)), (w,)
+    )
 
 
 def test_gradients_of_1x1_kernels_subset_axes_and_scalar_gain():
-    # 1x1 kernels, an explicit subset of fan-in axes, a scalar gain.
+    # 1x1 kernels and the default axes take the (fan_in, O) matrix path; an explicit
+    # subset of axes takes the general one; a scalar gain broadcasts.
     w = kernel((1, 1, 6, 3), seed=2)
     gain = np.array([0.5, 1.0, 2.0], np.float32)
     assert_grads_match(lambda w, g: scaled_weight_standardize(w, g), ref_scaled_ws, (w, gain))
