@@ -70,7 +70,14 @@ class _Affine(nn.Module):
 
 
 class _Stateful(_Affine):
-    """Shared plumbing of the norms with running statistics in ``batch_stats``."""
+    """Shared fields and plumbing of the norms with running statistics in ``batch_stats``."""
+
+    momentum: float = 0.9
+    eps: float = 1e-5
+    axis: int = -1
+    axis_name: str | tuple[str, ...] | None = None
+    axis_index_groups: Sequence[Sequence[int]] | None = None
+    on_stale: str = "warn"
 
     def running_state(self, c: int, *, with_step: bool = False):
         init = init_batch_norm_state(c)
@@ -95,21 +102,44 @@ class _Stateful(_Affine):
                 "apply(..., mutable=['batch_stats']) (or pass train=False for eval/frozen)."
             )
 
-    def on_stale_now(self, on_stale: str) -> str:
-        return "ignore" if self.is_initializing() else on_stale
+    def apply_norm(self, fn, x, *, train, mask, extra=None, with_step=False, **kwargs):
+        """Runs the pure stateful ``fn`` with this module's state, params and fields.
 
-    def record(self, train: bool, variables, new_state, batch_moments) -> None:
-        """After a call: writes the new running state and sows the batch moments.
-
-        Only in training and never during init. The (C,) ``mean``/``var``/``count``
-        go to the ``"batch_moments"`` collection (stored only when it is mutable).
+        ``fn(x, state, scale, bias, *extra(C), train=..., momentum, eps, axis,
+        axis_name, axis_index_groups, mask, on_stale, return_batch_stats=True,
+        **kwargs)``; ``extra`` creates further params from the channel count. In
+        training (never during init) the new running state is written and the (C,)
+        batch ``mean``/``var``/``count`` are sown into ``"batch_moments"`` (stored
+        only when that collection is mutable). Returns the output in ``dtype``.
         """
-        if not train or self.is_initializing():
-            return
-        for v, value in zip(variables, new_state, strict=True):
-            v.value = value
-        for key, value in zip(("mean", "var", "count"), batch_moments, strict=True):
-            self.sow("batch_moments", key, value, init_fn=lambda: None, reduce_fn=_latest)
+        self.check_train(train)
+        c = x.shape[self.axis]
+        variables, state = self.running_state(c, with_step=with_step)
+        scale, bias = self.affine(c)
+        params = () if extra is None else extra(c)
+        y, new_state, batch_moments = fn(
+            x,
+            state,
+            scale,
+            bias,
+            *params,
+            train=train,
+            momentum=self.momentum,
+            eps=self.eps,
+            axis=self.axis,
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            mask=mask,
+            on_stale="ignore" if self.is_initializing() else self.on_stale,
+            return_batch_stats=True,
+            **kwargs,
+        )
+        if train and not self.is_initializing():
+            for v, value in zip(variables, new_state, strict=True):
+                v.value = value
+            for key, value in zip(("mean", "var", "count"), batch_moments, strict=True):
+                self.sow("batch_moments", key, value, init_fn=lambda: None, reduce_fn=_latest)
+        return self.out(y)
 
 
 def _latest(_, new):
@@ -123,42 +153,21 @@ class BatchNorm(_Stateful):
     used, not updated; gradients flow).
     """
 
-    momentum: float = 0.9
-    eps: float = 1e-5
-    axis: int = -1
-    axis_name: str | tuple[str, ...] | None = None
-    axis_index_groups: Sequence[Sequence[int]] | None = None
     ghost_batch_size: int | None = None
     unbiased_running_var: bool = False
     zero_debias: bool = False
-    on_stale: str = "warn"
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool, mask: jax.Array | None = None) -> jax.Array:
-        self.check_train(train)
-        c = x.shape[self.axis]
-        variables, state = self.running_state(c)
-        scale, bias = self.affine(c)
-        y, new_state, batch_moments = batch_norm(
+        return self.apply_norm(
+            batch_norm,
             x,
-            state,
-            scale,
-            bias,
             train=train,
-            momentum=self.momentum,
-            eps=self.eps,
-            axis=self.axis,
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
             mask=mask,
             ghost_batch_size=self.ghost_batch_size,
             unbiased_running_var=self.unbiased_running_var,
             zero_debias=self.zero_debias,
-            on_stale=self.on_stale_now(self.on_stale),
-            return_batch_stats=True,
         )
-        self.record(train, variables, new_state, batch_moments)
-        return self.out(y)
 
 
 class BatchRenorm(_Stateful):
@@ -170,113 +179,42 @@ class BatchRenorm(_Stateful):
     r_max: float | Callable[[jax.Array], jax.Array] = 3.0
     d_max: float | Callable[[jax.Array], jax.Array] = 5.0
     momentum: float = 0.99
-    eps: float = 1e-5
-    axis: int = -1
-    axis_name: str | tuple[str, ...] | None = None
-    axis_index_groups: Sequence[Sequence[int]] | None = None
-    on_stale: str = "warn"
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool, mask: jax.Array | None = None) -> jax.Array:
-        self.check_train(train)
-        c = x.shape[self.axis]
-        variables, state = self.running_state(c, with_step=True)
-        scale, bias = self.affine(c)
-        y, new_state, batch_moments = batch_renorm(
+        return self.apply_norm(
+            batch_renorm,
             x,
-            state,
-            scale,
-            bias,
             train=train,
+            mask=mask,
+            with_step=True,
             r_max=self.r_max,
             d_max=self.d_max,
-            momentum=self.momentum,
-            eps=self.eps,
-            axis=self.axis,
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            mask=mask,
-            on_stale=self.on_stale_now(self.on_stale),
-            return_batch_stats=True,
         )
-        self.record(train, variables, new_state, batch_moments)
-        return self.out(y)
 
 
 class SwitchableNorm(_Stateful):
     """Switchable norm (:func:`norms.switchable_norm`); BN-branch state in ``batch_stats``."""
 
-    momentum: float = 0.9
-    eps: float = 1e-5
-    axis: int = -1
-    axis_name: str | tuple[str, ...] | None = None
-    axis_index_groups: Sequence[Sequence[int]] | None = None
-    on_stale: str = "warn"
-
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool, mask: jax.Array | None = None) -> jax.Array:
-        self.check_train(train)
-        c = x.shape[self.axis]
-        variables, state = self.running_state(c)
-        scale, bias = self.affine(c)
-        mean_logits = self.param("mean_logits", nn.initializers.zeros, (3,), self.param_dtype)
-        var_logits = self.param("var_logits", nn.initializers.zeros, (3,), self.param_dtype)
-        y, new_state, batch_moments = switchable_norm(
-            x,
-            state,
-            scale,
-            bias,
-            mean_logits,
-            var_logits,
-            train=train,
-            momentum=self.momentum,
-            eps=self.eps,
-            axis=self.axis,
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            mask=mask,
-            on_stale=self.on_stale_now(self.on_stale),
-            return_batch_stats=True,
-        )
-        self.record(train, variables, new_state, batch_moments)
-        return self.out(y)
+        def logits(c):
+            zeros = nn.initializers.zeros  # (3,) logits over (IN, LN, BN): equal weights
+            names = ("mean_logits", "var_logits")
+            return tuple(self.param(n, zeros, (3,), self.param_dtype) for n in names)
+
+        return self.apply_norm(switchable_norm, x, train=train, mask=mask, extra=logits)
 
 
 class EvoNormB0(_Stateful):
     """EvoNorm-B0 (:func:`norms.evonorm_b0`); per-channel ``v`` (init 1), running var."""
 
-    momentum: float = 0.9
-    eps: float = 1e-5
-    axis: int = -1
-    axis_name: str | tuple[str, ...] | None = None
-    axis_index_groups: Sequence[Sequence[int]] | None = None
-    on_stale: str = "warn"
-
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool, mask: jax.Array | None = None) -> jax.Array:
-        self.check_train(train)
-        c = x.shape[self.axis]
-        variables, state = self.running_state(c)
-        scale, bias = self.affine(c)
-        v = self.channel_param("v", nn.initializers.ones, c)
-        y, new_state, batch_moments = evonorm_b0(
-            x,
-            state,
-            scale,
-            bias,
-            v,
-            train=train,
-            momentum=self.momentum,
-            eps=self.eps,
-            axis=self.axis,
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            mask=mask,
-            on_stale=self.on_stale_now(self.on_stale),
-            return_batch_stats=True,
-        )
-        self.record(train, variables, new_state, batch_moments)
-        return self.out(y)
+        def v(c):
+            return (self.channel_param("v", nn.initializers.ones, c),)
+
+        return self.apply_norm(evonorm_b0, x, train=train, mask=mask, extra=v)
 
 
 class GroupNorm(_Affine):
@@ -304,30 +242,29 @@ class GroupNorm(_Affine):
         return self.out(y)
 
 
-class LayerNorm(_Affine):
+class _PerExampleNorm(_Affine):
+    """Shared body of LayerNorm and InstanceNorm: ``norm(x, scale, bias, eps, axis, mask)``."""
+
+    eps: float = 1e-5
+    axis: int = -1
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool | None = None, mask=None) -> jax.Array:
+        del train  # batch-independent: accepted only for a uniform call signature
+        scale, bias = self.affine(x.shape[self.axis])
+        return self.out(self.norm(x, scale, bias, eps=self.eps, axis=self.axis, mask=mask))
+
+
+class LayerNorm(_PerExampleNorm):
     """Layer norm over all non-batch axes (:func:`norms.layer_norm`); ``train`` ignored."""
 
-    eps: float = 1e-5
-    axis: int = -1
-
-    @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool | None = None, mask=None) -> jax.Array:
-        del train  # batch-independent: accepted only for a uniform call signature
-        scale, bias = self.affine(x.shape[self.axis])
-        return self.out(layer_norm(x, scale, bias, eps=self.eps, axis=self.axis, mask=mask))
+    norm = staticmethod(layer_norm)
 
 
-class InstanceNorm(_Affine):
+class InstanceNorm(_PerExampleNorm):
     """Instance norm (:func:`norms.instance_norm`); ``train`` ignored."""
 
-    eps: float = 1e-5
-    axis: int = -1
-
-    @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool | None = None, mask=None) -> jax.Array:
-        del train  # batch-independent: accepted only for a uniform call signature
-        scale, bias = self.affine(x.shape[self.axis])
-        return self.out(instance_norm(x, scale, bias, eps=self.eps, axis=self.axis, mask=mask))
+    norm = staticmethod(instance_norm)
 
 
 class FilterResponseNorm(_Affine):
