@@ -9,12 +9,13 @@ internally. Axis 0 is the batch axis; the axes between batch and channel are
 Statistics: :func:`norms.moments` gives the per-(example, channel) moments over
 the spatial axes (channels stay the minor, vectorized axis), and Chan's merge
 (:func:`norms.merge_moments`) combines them exactly over each group's channels;
-float32 (or wider), biased variance. The output is
-``(x - mean) * a + bias`` with per-(example, channel) ``a = scale * rsqrt(var + eps)``.
+float32 (or wider), biased variance. The output is the per-(example, channel)
+affine map ``y = x * a + b`` with ``a = scale * rsqrt(var + eps)`` and
+``b = bias - mean * a``, which equals ``(x - mean) * rsqrt(var + eps) * scale + bias``.
 Derivatives come from the closed-form JVP of :mod:`norms.standardize` (shared with
 batch norm; forward and reverse mode, any order), whose transpose is the textbook
-backward pass: two reductions and one elementwise pass over ``x`` (about 0.6-0.7x
-the time of flax's GroupNorm fwd+bwd on CPU; benchmarks/norms_bench.py).
+backward pass: two reductions and one elementwise pass over ``x`` (about 0.6x the
+time of flax's GroupNorm fwd+bwd on CPU; benchmarks/norms_bench.py).
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ def normalize_grouped(
     """
     dt = stats_dtype(x.dtype)
     groups = None if num_groups == x.shape[-1] else num_groups
-    pop = Population.of(tuple(range(1, x.ndim - 1)), num_groups=groups)
+    pop = Population.of(tuple(range(1, x.ndim - 1)), num_groups=groups, centered=False)
     return standardize(x.astype(dt), pop, scale, bias, eps=eps, mask=mask)[0]
 
 

@@ -16,12 +16,13 @@ population and ``xhat = (x - mean) * r``, ``r = rsqrt(var + eps)``::
     d var  = 2 E[(x - mean) dx]
     d y    = scale * r * (dx - d mean - xhat * E[xhat dx]) + xhat * d scale + d bias
 
-Every full-size term of the linear map is ``dx`` or ``x - mean`` times a small
-per-statistic array, so its transpose (the backward pass) is two reductions
-(``sum(ct)`` and ``sum((x - mean) * ct)``, then one collective for both under
-``axis_name``) and one elementwise pass. The sums are taken around the mean, never
-as ``sum(x * ct) - mean * sum(ct)``, so large-mean inputs lose no precision; for
-batch norm ``x - mean`` is the very array the forward pass formed for ``M2``.
+Every full-size term of the linear map is ``dx`` or ``x - mean`` (or raw ``x``,
+see ``Population.centered``) times a small per-statistic array, so its transpose
+(the backward pass) is two reductions (``sum(ct)`` and ``sum((x - mean) * ct)``,
+then one collective for both under ``axis_name``) and one elementwise pass.
+Batch norm centres on the mean (``x - mean`` is the very array the forward pass
+formed for ``M2``, and large-mean inputs keep full precision); group norm works
+from raw ``x``, which is faster there.
 """
 
 from __future__ import annotations
@@ -52,21 +53,32 @@ class Population:
 
     The result is the *statistics* layout, broadcastable against ``x`` after
     :meth:`expand`. Hashable (a static argument of :func:`standardize`).
+
+    ``centered`` chooses how the output and the derivative sums are formed:
+    around the mean (``(x - mean) * a``, ``sum((x - mean) * ct)``: best precision
+    for inputs whose mean is large against their spread, and cheap when ``x -
+    mean`` is the array the forward pass formed for ``M2``, as in batch norm), or
+    from raw ``x`` (``x * a + b``, ``sum(x * ct) - mean * sum(ct)``: no centred
+    copy of ``x`` at all; faster where the statistic's mean is not the forward's
+    per-partial mean, as in group norm). Both are exact in exact arithmetic.
     """
 
     axes: tuple[int, ...]
     num_groups: int | None = None
     axis_name: str | tuple[str, ...] | None = None
     axis_index_groups: tuple[tuple[int, ...], ...] | None = None
+    centered: bool = True
 
     @staticmethod
-    def of(axes, num_groups=None, axis_name=None, axis_index_groups=None) -> Population:
+    def of(
+        axes, num_groups=None, axis_name=None, axis_index_groups=None, centered=True
+    ) -> Population:
         """Builds a population, turning list arguments into (hashable) tuples."""
         if isinstance(axis_name, list):
             axis_name = tuple(axis_name)
         if axis_index_groups is not None:
             axis_index_groups = tuple(tuple(int(i) for i in g) for g in axis_index_groups)
-        return Population(tuple(axes), num_groups, axis_name, axis_index_groups)
+        return Population(tuple(axes), num_groups, axis_name, axis_index_groups, centered)
 
     def _grouped(self, t: jax.Array) -> jax.Array:
         c = t.shape[-1]
@@ -108,10 +120,17 @@ def _forward(pop: Population, eps: float, x, scale, bias, mask):
     r_p = pop.expand(r, c)
     mean_p = pop.expand(mean, c)
     a = r_p if scale is None else r_p * scale
-    y = (x - mean_p) * a
-    if bias is not None:
-        y = y + bias
+    xc, shift = _centre(pop, x, mean_p)
+    b = bias
+    if shift is not None:
+        b = shift * a if b is None else b + shift * a
+    y = xc * a if b is None else xc * a + b
     return (y, mean, var, count), (mean_p, r, r_p, a)
+
+
+def _centre(pop: Population, x, mean_p):
+    """``(xc, shift)`` with ``x - mean = xc + shift`` (``shift`` None when 0)."""
+    return (x - mean_p, None) if pop.centered else (x, -mean_p)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
@@ -127,7 +146,7 @@ def _standardize_jvp(pop, eps, primals, tangents):
     out, (mean_p, r, r_p, a) = _forward(pop, eps, x, scale, bias, mask)
     y, mean, var, count = out
     c = x.shape[-1] if pop.num_groups is not None else None
-    xc = x - mean_p
+    xc, shift = _centre(pop, x, mean_p)
     # dy = a * dx + alpha + xc * beta, alpha and beta in the partial layout.
     alpha = beta = None
     dmean = dvar = jnp.zeros_like(mean)
@@ -135,6 +154,8 @@ def _standardize_jvp(pop, eps, primals, tangents):
         wdx = dx if mask is None else jnp.where(mask, dx, 0.0)
         s1 = jnp.sum(wdx, axis=pop.axes, keepdims=True)
         s2 = jnp.sum(xc * wdx, axis=pop.axes, keepdims=True)
+        if shift is not None:
+            s2 = s2 + shift * s1
         s1, s2 = pop.total(jnp.stack(jnp.broadcast_arrays(s1, s2)))
         inv = 1.0 / jnp.maximum(count, 1.0)
         dmean = s1 * inv
@@ -144,6 +165,8 @@ def _standardize_jvp(pop, eps, primals, tangents):
     if scale is not None and not _is_zero(dscale):
         t = r_p * dscale
         beta = t if beta is None else beta + t
+    if beta is not None and shift is not None:
+        alpha = shift * beta if alpha is None else alpha + shift * beta
     if bias is not None and not _is_zero(dbias):
         alpha = dbias if alpha is None else alpha + dbias
     dy = None if _is_zero(dx) else a * dx

@@ -26,15 +26,18 @@ def ref_standardize(x, scale, bias, mask, axes, groups, eps):
 
 
 CASES = {
-    # batch norm: per channel over (N, H, W); group norm: per example and group of 2.
-    "batch": ((0, 1, 2), None),
-    "grouped": ((1, 2), 2),
+    # batch norm: per channel over (N, H, W); group norm: per example and group of 2;
+    # centred on the mean or from raw x (both must give the same derivatives).
+    "batch": ((0, 1, 2), None, True),
+    "batch raw": ((0, 1, 2), None, False),
+    "grouped": ((1, 2), 2, False),
+    "grouped centred": ((1, 2), 2, True),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_outputs_and_forward_mode_derivatives_of_all_outputs_match_float64(case):
-    axes, groups = CASES[case]
+    axes, groups, centered = CASES[case]
     rng = np.random.default_rng(0)
     x = rng.normal(2.0, 3.0, (3, 4, 2, 4)).astype(np.float32)
     s, b = (rng.normal(size=4).astype(np.float32) for _ in range(2))
@@ -42,7 +45,7 @@ def test_outputs_and_forward_mode_derivatives_of_all_outputs_match_float64(case)
     mask[:, 0] = True  # every statistic keeps some values
     mask = np.broadcast_to(mask, x.shape)
     dirs = [rng.normal(size=t.shape).astype(np.float32) for t in (x, s, b)]
-    pop = Population.of(axes, num_groups=groups)
+    pop = Population.of(axes, num_groups=groups, centered=centered)
 
     def ours(x, s, b):
         y, mean, var, _ = standardize(x, pop, s, b, eps=1e-3, mask=jnp.asarray(mask))
