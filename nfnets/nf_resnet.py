@@ -114,12 +114,13 @@ class NFResNet(nn.Module):
     stochastic_depth: float = 0.1
     dropout: float = 0.0
     small: bool = False
+    stem_stride: int = 1  # small stem only: 2 halves the resolution (~4x less compute)
     dtype: Any = jnp.float32
 
     @property
     def min_image_size(self) -> int:
         """Total stride of stem and stages: the smallest H and W the model accepts."""
-        stride = 1 if self.small else 4
+        stride = self.stem_stride if self.small else 4
         for s in STAGE_STRIDES[: len(self.depths)]:
             stride *= s
         return stride
@@ -131,7 +132,9 @@ class NFResNet(nn.Module):
         act = scaled_activation(self.activation)
         x = x.astype(self.dtype)
         if self.small:
-            h = WSConv2D(self.stem_width, 3, dtype=self.dtype, name="stem_conv")(x)
+            h = WSConv2D(
+                self.stem_width, 3, strides=self.stem_stride, dtype=self.dtype, name="stem_conv"
+            )(x)
         else:
             h = WSConv2D(self.stem_width, 7, strides=2, dtype=self.dtype, name="stem_conv")(x)
             h = nn.max_pool(h, (3, 3), strides=(2, 2), padding="SAME")
