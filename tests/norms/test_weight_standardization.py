@@ -78,9 +78,10 @@ def test_gradients_match_finite_differences():
     )
 
 
-def test_gradients_of_1x1_kernels_subset_axes_and_scalar_gain():
+def test_gradients_of_1x1_kernels_subset_axes_scalar_and_no_gain():
     # 1x1 kernels and the default axes take the (fan_in, O) matrix path; an explicit
-    # subset of axes takes the general one; a scalar gain broadcasts.
+    # subset of axes takes the general one; a scalar gain broadcasts;
+    # no gain at all.
     w = kernel((1, 1, 6, 3), seed=2)
     gain = np.array([0.5, 1.0, 2.0], np.float32)
     assert_grads_match(lambda w, g: scaled_weight_standardize(w, g), ref_scaled_ws, (w, gain))
@@ -95,6 +96,7 @@ def test_gradients_of_1x1_kernels_subset_axes_and_scalar_gain():
         ref_scaled_ws,
         (kernel((2, 2, 3, 4), seed=4), np.float32(1.5)),
     )
+    assert_grads_match(scaled_weight_standardize, ref_scaled_ws, (kernel((2, 2, 2, 3), seed=5),))
 
 
 def test_gradient_where_eps_clips_the_variance():
