@@ -6,6 +6,10 @@ down to three single-block bottleneck stages of widths 32/64/128 with a stride-2
 stem (28x28 -> 14x14: stages at 14, 7 and 4 pixels, about 4x less compute than a
 stride-1 stem for a small loss in accuracy).
 
+Measured on the shared 2-core CPU (other jobs running): 90.8% test accuracy
+after 8 epochs (3744 steps), 387 s of process CPU time in all (so at most ~390 s
+of wall time on an idle 2-core machine). Horizontal flips only.
+
 Optimizer: AdamW (lr 0.01, short warmup, cosine to 0). AGC is off: it is the
 large-batch tool of the NFNet recipe, and at batch 128 it only slowed learning
 here (it clips the updates of the zero-initialised SkipInit gains to
@@ -26,11 +30,11 @@ def get_config():
     c.model_kwargs.bottleneck_ratio = 0.25
     c.model_kwargs.alpha = 0.2
     c.model_kwargs.stochastic_depth = 0.0
-    c.augment.crop_padding = 2
+    c.augment.crop_padding = 0  # random crops slowed fitting in 6-8 epochs (-0.5 to -1 point)
     c.augment.flip = True
     c.batch_size = 128
     c.eval_batch_size = 1000
-    c.num_epochs = 6.0
+    c.num_epochs = 8.0
     c.optimizer = "adamw"
     c.learning_rate = 0.01
     c.lr_base_batch_size = 0  # the rate as is (no linear batch scaling)
