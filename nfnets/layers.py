@@ -216,6 +216,81 @@ class StochasticDepth(nn.Module):
 
 # --- helpers shared by the model families -------------------------------------------
 
+STAGE_STRIDES = (1, 2, 2, 2)  # stride of each stage's first block (all model families)
+
+
+def nf_residual_output(
+    block: nn.Module,
+    shortcut: jax.Array,
+    f: jax.Array,
+    *,
+    alpha: float,
+    se_ratio: float,
+    stochastic_depth: float,
+    train: bool,
+    dtype: Dtype | None,
+) -> jax.Array:
+    """Tail of an NF residual block: ``shortcut + alpha * skip_gain * sd(2 * se(f) * f)``.
+
+    Call from inside ``block``'s ``@nn.compact`` method: parameters and sown values
+    land in ``block``'s own scope -- submodule ``"se"`` (only when ``se_ratio > 0``),
+    scalar param ``"skip_gain"`` (init 0, float32), ``"stochastic_depth"`` (no params)
+    and ``intermediates`` ``"branch_out"`` (``f`` after SE, before stochastic depth
+    and the gains) and ``"block_out"`` (the returned output). ``shortcut`` and ``f``
+    have the same shape (N, H, W, C).
+    """
+    if se_ratio > 0:
+        f = 2.0 * SqueezeExcite(se_ratio, dtype=dtype, name="se")(f) * f
+    block.sow("intermediates", "branch_out", f)
+    f = StochasticDepth(stochastic_depth, name="stochastic_depth")(f, train=train)
+    gain = block.param("skip_gain", nn.initializers.zeros, (), jnp.float32)
+    out = shortcut + (alpha * gain).astype(f.dtype) * f
+    block.sow("intermediates", "block_out", out)
+    return out
+
+
+def check_stages(who: str, widths: Sequence[int], depths: Sequence[int]) -> None:
+    """Validates per-stage ``widths``/``depths``: equal lengths, at most
+    ``len(STAGE_STRIDES)`` stages, every depth >= 1. Errors name ``who`` and the values."""
+    if len(widths) != len(depths):
+        raise ValueError(
+            f"{who}: widths {tuple(widths)} and depths {tuple(depths)} must "
+            "have one entry per stage"
+        )
+    if len(depths) > len(STAGE_STRIDES):
+        raise ValueError(f"{who}: at most {len(STAGE_STRIDES)} stages, got {len(depths)}")
+    if any(d < 1 for d in depths):
+        raise ValueError(f"{who}: every stage depth must be >= 1, got {tuple(depths)}")
+
+
+def total_stride(stem_stride: int, num_stages: int) -> int:
+    """Total stride of a stem (``stem_stride``) and the first ``num_stages`` stages:
+    the smallest H and W a model accepts."""
+    stride = stem_stride
+    for s in STAGE_STRIDES[:num_stages]:
+        stride *= s
+    return stride
+
+
+def classifier_head(
+    features: jax.Array, *, num_classes: int, dropout: float, dtype: Dtype, train: bool
+) -> jax.Array:
+    """Global average pool (float32) -> dropout -> dense ``"head"`` N(0, 0.01) -> f32 logits.
+
+    ``features`` (N, H, W, C) -> logits (N, num_classes) float32. Call from inside the
+    model's ``@nn.compact`` method, so the Dense is the model's top-level ``"head"``
+    (AGC excludes it by that path). Dropout uses the ``"dropout"`` rng stream.
+    """
+    pooled = jnp.mean(features.astype(jnp.float32), axis=(1, 2))
+    pooled = nn.Dropout(dropout)(pooled, deterministic=not train)
+    logits = nn.Dense(
+        num_classes,
+        kernel_init=nn.initializers.normal(0.01),
+        dtype=dtype,
+        name="head",
+    )(pooled.astype(dtype))
+    return logits.astype(jnp.float32)
+
 
 def nf_betas(depths: Sequence[int], alpha: float) -> list[float]:
     """Per-block input scalings ``beta_i = 1 / expected_std_i`` of an NF network.

@@ -28,7 +28,16 @@ import jax
 import jax.numpy as jnp
 
 from nfnets.activations import scaled_activation
-from nfnets.layers import SqueezeExcite, StochasticDepth, WSConv2D, check_image, nf_betas
+from nfnets.layers import (
+    STAGE_STRIDES,
+    WSConv2D,
+    check_image,
+    check_stages,
+    classifier_head,
+    nf_betas,
+    nf_residual_output,
+    total_stride,
+)
 
 NF_RESNET_WIDTHS = (256, 512, 1024, 2048)
 NF_RESNET_DEPTHS: dict[int, tuple[int, int, int, int]] = {
@@ -38,7 +47,6 @@ NF_RESNET_DEPTHS: dict[int, tuple[int, int, int, int]] = {
     152: (3, 8, 36, 3),
     200: (3, 24, 36, 3),
 }
-STAGE_STRIDES = (1, 2, 2, 2)
 
 
 class NFResNetBlock(nn.Module):
@@ -66,27 +74,21 @@ class NFResNetBlock(nn.Module):
         f = conv(self.mid, 1, name="conv0")(out)
         f = conv(self.mid, 3, strides=self.stride, name="conv1")(act(f))
         f = conv(self.features, 1, name="conv2")(act(f))
-        if self.se_ratio > 0:
-            f = 2.0 * SqueezeExcite(self.se_ratio, dtype=self.dtype, name="se")(f) * f
-        self.sow("intermediates", "branch_out", f)
-        f = StochasticDepth(self.stochastic_depth, name="stochastic_depth")(f, train=train)
-        gain = self.param("skip_gain", nn.initializers.zeros, (), jnp.float32)
-        out = shortcut + (self.alpha * gain).astype(f.dtype) * f
-        self.sow("intermediates", "block_out", out)
-        return out
+        return nf_residual_output(
+            self,
+            shortcut,
+            f,
+            alpha=self.alpha,
+            se_ratio=self.se_ratio,
+            stochastic_depth=self.stochastic_depth,
+            train=train,
+            dtype=self.dtype,
+        )
 
 
 def check_nf_resnet_config(model: NFResNet) -> None:
     """Validates widths/depths; errors name the offending values."""
-    if len(model.widths) != len(model.depths):
-        raise ValueError(
-            f"NFResNet: widths {tuple(model.widths)} and depths {tuple(model.depths)} must "
-            "have one entry per stage"
-        )
-    if len(model.depths) > len(STAGE_STRIDES):
-        raise ValueError(f"NFResNet: at most {len(STAGE_STRIDES)} stages, got {len(model.depths)}")
-    if any(d < 1 for d in model.depths):
-        raise ValueError(f"NFResNet: every stage depth must be >= 1, got {tuple(model.depths)}")
+    check_stages("NFResNet", model.widths, model.depths)
     for width in model.widths:
         if int(width * model.bottleneck_ratio) < 1:
             raise ValueError(
@@ -120,10 +122,7 @@ class NFResNet(nn.Module):
     @property
     def min_image_size(self) -> int:
         """Total stride of stem and stages: the smallest H and W the model accepts."""
-        stride = self.stem_stride if self.small else 4
-        for s in STAGE_STRIDES[: len(self.depths)]:
-            stride *= s
-        return stride
+        return total_stride(self.stem_stride if self.small else 4, len(self.depths))
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -158,12 +157,10 @@ class NFResNet(nn.Module):
                 )(h, train=train)
                 index += 1
 
-        pooled = jnp.mean(act(h).astype(jnp.float32), axis=(1, 2))
-        pooled = nn.Dropout(self.dropout)(pooled, deterministic=not train)
-        logits = nn.Dense(
-            self.num_classes,
-            kernel_init=nn.initializers.normal(0.01),
+        return classifier_head(
+            act(h),
+            num_classes=self.num_classes,
+            dropout=self.dropout,
             dtype=self.dtype,
-            name="head",
-        )(pooled.astype(self.dtype))
-        return logits.astype(jnp.float32)
+            train=train,
+        )

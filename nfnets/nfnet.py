@@ -35,11 +35,19 @@ import jax
 import jax.numpy as jnp
 
 from nfnets.activations import scaled_activation
-from nfnets.layers import SqueezeExcite, StochasticDepth, WSConv2D, check_image, nf_betas
+from nfnets.layers import (
+    STAGE_STRIDES,
+    WSConv2D,
+    check_image,
+    check_stages,
+    classifier_head,
+    nf_betas,
+    nf_residual_output,
+    total_stride,
+)
 
 NFNET_WIDTHS = (256, 512, 1536, 1536)
 NFNET_PLUS_WIDTHS = (384, 768, 2048, 2048)
-STAGE_STRIDES = (1, 2, 2, 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,27 +110,21 @@ class NFNetBlock(nn.Module):
         )
         f = conv(self.mid, 3, feature_group_count=self.groups, name="conv1b")(act(f))
         f = conv(self.features, 1, name="conv2")(act(f))
-        if self.se_ratio > 0:
-            f = 2.0 * SqueezeExcite(self.se_ratio, dtype=self.dtype, name="se")(f) * f
-        self.sow("intermediates", "branch_out", f)
-        f = StochasticDepth(self.stochastic_depth, name="stochastic_depth")(f, train=train)
-        gain = self.param("skip_gain", nn.initializers.zeros, (), jnp.float32)
-        out = shortcut + (self.alpha * gain).astype(f.dtype) * f
-        self.sow("intermediates", "block_out", out)
-        return out
+        return nf_residual_output(
+            self,
+            shortcut,
+            f,
+            alpha=self.alpha,
+            se_ratio=self.se_ratio,
+            stochastic_depth=self.stochastic_depth,
+            train=train,
+            dtype=self.dtype,
+        )
 
 
 def check_nfnet_config(model: NFNet) -> None:
     """Validates widths/depths/group width; errors name the offending numbers."""
-    if len(model.widths) != len(model.depths):
-        raise ValueError(
-            f"NFNet: widths {tuple(model.widths)} and depths {tuple(model.depths)} must "
-            "have one entry per stage"
-        )
-    if len(model.depths) > len(STAGE_STRIDES):
-        raise ValueError(f"NFNet: at most {len(STAGE_STRIDES)} stages, got {len(model.depths)}")
-    if any(d < 1 for d in model.depths):
-        raise ValueError(f"NFNet: every stage depth must be >= 1, got {tuple(model.depths)}")
+    check_stages("NFNet", model.widths, model.depths)
     for width in model.widths:
         if width % model.group_width:
             raise ValueError(
@@ -171,10 +173,7 @@ class NFNet(nn.Module):
     @property
     def min_image_size(self) -> int:
         """Total stride of stem and stages: the smallest H and W the model accepts."""
-        stride = 1 if self.small else 4
-        for s in STAGE_STRIDES[: len(self.depths)]:
-            stride *= s
-        return stride
+        return total_stride(1 if self.small else 4, len(self.depths))
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -214,12 +213,6 @@ class NFNet(nn.Module):
                 index += 1
 
         h = act(conv(int(self.final_conv_mult * self.widths[-1]), 1, name="final_conv")(h))
-        pooled = jnp.mean(h.astype(jnp.float32), axis=(1, 2))
-        pooled = nn.Dropout(self.dropout)(pooled, deterministic=not train)
-        logits = nn.Dense(
-            self.num_classes,
-            kernel_init=nn.initializers.normal(0.01),
-            dtype=self.dtype,
-            name="head",
-        )(pooled.astype(self.dtype))
-        return logits.astype(jnp.float32)
+        return classifier_head(
+            h, num_classes=self.num_classes, dropout=self.dropout, dtype=self.dtype, train=train
+        )

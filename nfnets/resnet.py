@@ -37,7 +37,14 @@ import jax
 import jax.numpy as jnp
 
 from nfnets.activations import ACTIVATIONS
-from nfnets.layers import StdConv2D, check_image
+from nfnets.layers import (
+    STAGE_STRIDES,
+    StdConv2D,
+    check_image,
+    check_stages,
+    classifier_head,
+    total_stride,
+)
 from norms import linen as norms_linen
 
 BASIC_WIDTHS = (64, 128, 256, 512)
@@ -49,7 +56,6 @@ RESNET_DEPTHS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
     50: ("bottleneck", (3, 4, 6, 3)),
     101: ("bottleneck", (3, 4, 23, 3)),
 }
-STAGE_STRIDES = (1, 2, 2, 2)
 BLOCK_TYPES = ("basic", "bottleneck")
 VERSIONS = ("v1", "v2")
 _KERNEL_INIT = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
@@ -147,13 +153,7 @@ def check_resnet_config(model: ResNet) -> None:
         raise ValueError(
             f"ResNet: unknown activation {model.activation!r}; valid: {sorted(ACTIVATIONS)}"
         )
-    if len(model.widths) != len(model.depths) or len(model.depths) > len(STAGE_STRIDES):
-        raise ValueError(
-            f"ResNet: widths {tuple(model.widths)} and depths {tuple(model.depths)} must have "
-            f"one entry per stage (at most {len(STAGE_STRIDES)})"
-        )
-    if any(d < 1 for d in model.depths):
-        raise ValueError(f"ResNet: every stage depth must be >= 1, got {tuple(model.depths)}")
+    check_stages("ResNet", model.widths, model.depths)
 
 
 class ResNet(_Layers):
@@ -178,10 +178,7 @@ class ResNet(_Layers):
     @property
     def min_image_size(self) -> int:
         """Total stride of stem and stages: the smallest H and W the model accepts."""
-        stride = 1 if self.small else 4
-        for s in STAGE_STRIDES[: len(self.depths)]:
-            stride *= s
-        return stride
+        return total_stride(1 if self.small else 4, len(self.depths))
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -217,12 +214,6 @@ class ResNet(_Layers):
 
         if self.version == "v2":
             h = act(self.norm_layer("final_norm")(h, train=train))
-        pooled = jnp.mean(h.astype(jnp.float32), axis=(1, 2))
-        pooled = nn.Dropout(self.dropout)(pooled, deterministic=not train)
-        logits = nn.Dense(
-            self.num_classes,
-            kernel_init=nn.initializers.normal(0.01),
-            dtype=self.dtype,
-            name="head",
-        )(pooled.astype(self.dtype))
-        return logits.astype(jnp.float32)
+        return classifier_head(
+            h, num_classes=self.num_classes, dropout=self.dropout, dtype=self.dtype, train=train
+        )

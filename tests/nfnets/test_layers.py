@@ -186,6 +186,63 @@ def test_check_image_messages():
     layers.check_image(jnp.zeros((1, 32, 32, 3)), 32, "M")
 
 
+def test_check_stages_and_total_stride():
+    layers.check_stages("M", (8, 16), (1, 2))
+    with pytest.raises(ValueError, match=r"M: widths \(8, 16\) and depths \(1,\) must"):
+        layers.check_stages("M", (8, 16), (1,))
+    with pytest.raises(ValueError, match="at most 4 stages, got 5"):
+        layers.check_stages("M", (8,) * 5, (1,) * 5)
+    with pytest.raises(ValueError, match=r"depth must be >= 1, got \(1, 0\)"):
+        layers.check_stages("M", (8, 16), (1, 0))
+    assert layers.total_stride(4, 4) == 4 * 2 * 2 * 2
+    assert layers.total_stride(1, 2) == 2
+    assert layers.total_stride(2, 0) == 2
+
+
+class _Tail(nn.Module):
+    se_ratio: float
+
+    @nn.compact
+    def __call__(self, shortcut, f, *, train):
+        return layers.nf_residual_output(
+            self,
+            shortcut,
+            f,
+            alpha=0.3,
+            se_ratio=self.se_ratio,
+            stochastic_depth=0.0,
+            train=train,
+            dtype=None,
+        )
+
+
+@pytest.mark.parametrize("se_ratio", [0.0, 0.5])
+def test_nf_residual_output_params_sows_and_formula(se_ratio):
+    shortcut = jax.random.normal(jax.random.key(0), (2, 3, 3, 4))
+    f = jax.random.normal(jax.random.key(1), (2, 3, 3, 4))
+    module = _Tail(se_ratio)
+    params = module.init(jax.random.key(2), shortcut, f, train=False)["params"]
+    assert set(params) == ({"se", "skip_gain"} if se_ratio else {"skip_gain"})
+    assert params["skip_gain"].shape == () and float(params["skip_gain"]) == 0.0
+    params = {**params, "skip_gain": jnp.asarray(1.7, jnp.float32)}
+    out, state = module.apply(
+        {"params": params}, shortcut, f, train=False, mutable=["intermediates"]
+    )
+    branch = np.asarray(f, np.float64)
+    if se_ratio:
+        p = jax.tree.map(lambda a: np.asarray(a, np.float64), params["se"])
+        pooled = branch.mean(axis=(1, 2))
+        hidden = np.maximum(pooled @ p["fc0"]["kernel"] + p["fc0"]["bias"], 0)
+        gate = 1 / (1 + np.exp(-(hidden @ p["fc1"]["kernel"] + p["fc1"]["bias"])))
+        branch = 2 * gate[:, None, None, :] * branch
+    expected = np.asarray(shortcut, np.float64) + 0.3 * 1.7 * branch
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(state["intermediates"]["branch_out"][0]), branch, rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_array_equal(state["intermediates"]["block_out"][0], out)
+
+
 def test_ws_conv_matches_flax_conv_with_standardized_kernel():
     x = jax.random.normal(jax.random.key(0), (2, 7, 7, 3))
     module = layers.WSConv2D(4, 3, strides=2)
