@@ -72,6 +72,30 @@ def _conv(
     return y
 
 
+def _conv_params(
+    conv: nn.Module, x: jax.Array, *, with_gain: bool
+) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """Checks groups and creates ``conv``'s params ``kernel`` (HWIO, per-group input
+    count), then ``gain`` (features,) init 1 if ``with_gain``, then ``bias`` (features,)
+    init 0 if ``conv.use_bias``. Call from ``conv``'s ``@nn.compact`` method."""
+    groups = conv.feature_group_count
+    _check_groups(x.shape[-1], conv.features, groups, type(conv).__name__)
+    kh, kw = _pair(conv.kernel_size, "kernel_size")
+    shape = (kh, kw, x.shape[-1] // groups, conv.features)
+    kernel = conv.param("kernel", conv.kernel_init, shape, conv.param_dtype)
+    gain = (
+        conv.param("gain", nn.initializers.ones, (conv.features,), conv.param_dtype)
+        if with_gain
+        else None
+    )
+    bias = (
+        conv.param("bias", nn.initializers.zeros, (conv.features,), conv.param_dtype)
+        if conv.use_bias
+        else None
+    )
+    return kernel, gain, bias
+
+
 class WSConv2D(nn.Module):
     """2D convolution with scaled weight standardization (Brock et al., 2021).
 
@@ -101,21 +125,11 @@ class WSConv2D(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        groups = self.feature_group_count
-        _check_groups(x.shape[-1], self.features, groups, "WSConv2D")
-        kh, kw = _pair(self.kernel_size, "kernel_size")
-        shape = (kh, kw, x.shape[-1] // groups, self.features)
-        kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
-        gain = self.param("gain", nn.initializers.ones, (self.features,), self.param_dtype)
-        bias = (
-            self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-            if self.use_bias
-            else None
-        )
+        kernel, gain, bias = _conv_params(self, x, with_gain=True)
         w = norms.scaled_weight_standardize(
             kernel.astype(jnp.float32), gain.astype(jnp.float32), eps=self.eps
         )
-        return _conv(x, w, bias, self.strides, self.padding, groups, self.dtype)
+        return _conv(x, w, bias, self.strides, self.padding, self.feature_group_count, self.dtype)
 
 
 class StdConv2D(nn.Module):
@@ -139,18 +153,9 @@ class StdConv2D(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        groups = self.feature_group_count
-        _check_groups(x.shape[-1], self.features, groups, "StdConv2D")
-        kh, kw = _pair(self.kernel_size, "kernel_size")
-        shape = (kh, kw, x.shape[-1] // groups, self.features)
-        kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
-        bias = (
-            self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-            if self.use_bias
-            else None
-        )
+        kernel, _, bias = _conv_params(self, x, with_gain=False)
         w = norms.weight_standardize(kernel.astype(jnp.float32), eps=self.eps)
-        return _conv(x, w, bias, self.strides, self.padding, groups, self.dtype)
+        return _conv(x, w, bias, self.strides, self.padding, self.feature_group_count, self.dtype)
 
 
 class SqueezeExcite(nn.Module):
