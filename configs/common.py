@@ -45,6 +45,8 @@ Keys (all read by ``nfnets.training.train``; the optimizer keys by
 
 import ml_collections
 
+from nfnets.optim import default_optimizer_config
+
 
 def base_config() -> ml_collections.ConfigDict:
     """Every key the trainer reads, with Fashion-MNIST/CPU defaults."""
@@ -79,20 +81,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.num_epochs = 1.0
     c.num_train_steps = -1
 
-    # Optimizer (nfnets.optim.make_optimizer).
-    c.optimizer = "sgd"
-    c.learning_rate = 0.1
-    c.lr_base_batch_size = 256
+    # Optimizer (nfnets.optim.make_optimizer): the defaults of
+    # nfnets.optim.default_optimizer_config() (SGD, Nesterov momentum 0.9, lr 0.1 per
+    # 256 examples, AdamW moments 0.9/0.999/1e-8, agc_eps 1e-3, AGC excludes "head"),
+    # except batch_size/num_epochs (set above) and these CPU-sized changes:
+    for key, value in default_optimizer_config().items():
+        if key not in ("batch_size", "num_epochs"):
+            c[key] = value
     c.warmup_epochs = 0.0
-    c.momentum = 0.9
-    c.nesterov = True
     c.weight_decay = 5e-5
-    c.adam_b1 = 0.9
-    c.adam_b2 = 0.999
-    c.adam_eps = 1e-8
-    c.agc_clip = 0.0
-    c.agc_eps = 1e-3
-    c.agc_exclude = ("head",)
+    c.agc_clip = 0.0  # off
     c.label_smoothing = 0.0
     c.ema = "none"
     c.precise_bn_batches = 0
