@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from norms.batch_norm import (
     batch_statistics,
+    init_batch_norm_state,
     normalize,
     normalize_with_running_stats,
     prepare,
@@ -60,15 +61,10 @@ class BatchRenormState(NamedTuple):
 
 
 def init_batch_renorm_state(num_features: int) -> BatchRenormState:
-    """Fresh state: mean 0, var 1 (float32, (C,)), count 0 and step 0 (int32)."""
-    if not isinstance(num_features, int) or num_features < 1:
-        raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-    return BatchRenormState(
-        mean=jnp.zeros((num_features,), jnp.float32),
-        var=jnp.ones((num_features,), jnp.float32),
-        count=jnp.zeros((), jnp.int32),
-        step=jnp.zeros((), jnp.int32),
-    )
+    """Fresh state: mean 0, var 1 (float32, (C,)), count 0 and step 0 (int32).
+
+    The batch-norm fields come from :func:`norms.batch_norm.init_batch_norm_state`."""
+    return BatchRenormState(*init_batch_norm_state(num_features), step=jnp.zeros((), jnp.int32))
 
 
 def _ramp(step, end: int, start_value: float, final_value: float) -> jax.Array:
