@@ -22,8 +22,10 @@ Reading the numbers: scaled weight standardization re-standardizes every conv
 kernel in the forward and the backward pass of every step, a cost proportional to
 the parameter count and independent of the batch, while batch norm's cost grows
 with the activations. At small batches and images on a CPU the NF step can
-therefore be a little slower despite equal FLOPs (XLA's compiled cost model shows
-more bytes accessed); the gap should shrink as batch x resolution grows.
+therefore be a little slower despite equal FLOPs; the gap should shrink as
+batch x resolution grows. At 64x64 ResNet-50's last stage runs 3x3 convolutions
+on 2x2 maps, which XLA's CPU backend executes slowly (seconds per step at batch 32,
+the same in both models), so that pair's ratio is pulled towards 1.
 
 Stochastic depth and dropout are off in both models of a pair, so the comparison
 is architecture against architecture. ``--preset accelerator`` instead times
