@@ -4,6 +4,7 @@
 * :class:`StdConv2D`: convolution with plain weight standardization (GN+WS baselines).
 * :class:`SqueezeExcite`: channel gate in (0, 1), shape ``(N, 1, 1, C)``.
 * :class:`StochasticDepth`: per-example residual-branch drop.
+* :class:`NFBlock`: fields and residual tail shared by the NF residual blocks.
 
 The formulas live in :mod:`norms.weight_standardization`; these modules only hold
 parameters and call them.
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 import norms
+from nfnets.activations import scaled_activation
 
 Dtype = Any
 IntPair = int | Sequence[int]
@@ -224,34 +226,51 @@ class StochasticDepth(nn.Module):
 STAGE_STRIDES = (1, 2, 2, 2)  # stride of each stage's first block (all model families)
 
 
-def nf_residual_output(
-    block: nn.Module,
-    shortcut: jax.Array,
-    f: jax.Array,
-    *,
-    alpha: float,
-    se_ratio: float,
-    stochastic_depth: float,
-    train: bool,
-    dtype: Dtype | None,
-) -> jax.Array:
-    """Tail of an NF residual block: ``shortcut + alpha * skip_gain * sd(2 * se(f) * f)``.
+class NFBlock(nn.Module):
+    """Fields and the pre-activation/residual tail shared by NF residual blocks.
 
-    Call from inside ``block``'s ``@nn.compact`` method: parameters and sown values
-    land in ``block``'s own scope -- submodule ``"se"`` (only when ``se_ratio > 0``),
-    scalar param ``"skip_gain"`` (init 0, float32), ``"stochastic_depth"`` (no params)
-    and ``intermediates`` ``"branch_out"`` (``f`` after SE, before stochastic depth
-    and the gains) and ``"block_out"`` (the returned output). ``shortcut`` and ``f``
-    have the same shape (N, H, W, C).
+    Subclasses (:class:`nfnets.nf_resnet.NFResNetBlock`,
+    :class:`nfnets.nfnet.NFNetBlock`) build the shortcut and branch ``f`` in their
+    ``@nn.compact`` ``__call__`` from :meth:`preactivate` and return
+    :meth:`residual_output`. ``features``: output width W; ``mid``: bottleneck width;
+    ``stride`` of the block; ``beta``: input scale ``1 / expected_std``; ``alpha``:
+    residual scale; ``se_ratio`` (0 = no SE); ``stochastic_depth``: branch drop rate;
+    ``activation``: name for :func:`nfnets.activations.scaled_activation`;
+    ``dtype``: compute dtype.
     """
-    if se_ratio > 0:
-        f = 2.0 * SqueezeExcite(se_ratio, dtype=dtype, name="se")(f) * f
-    block.sow("intermediates", "branch_out", f)
-    f = StochasticDepth(stochastic_depth, name="stochastic_depth")(f, train=train)
-    gain = block.param("skip_gain", nn.initializers.zeros, (), jnp.float32)
-    out = shortcut + (alpha * gain).astype(f.dtype) * f
-    block.sow("intermediates", "block_out", out)
-    return out
+
+    features: int
+    mid: int
+    stride: int
+    beta: float
+    alpha: float
+    se_ratio: float
+    stochastic_depth: float
+    activation: str
+    dtype: Any = jnp.float32
+
+    def preactivate(self, x: jax.Array) -> jax.Array:
+        """``act(x) * beta``: the input of the branch (and of a projection shortcut)."""
+        return scaled_activation(self.activation)(x) * jnp.asarray(self.beta, x.dtype)
+
+    def residual_output(self, shortcut: jax.Array, f: jax.Array, *, train: bool) -> jax.Array:
+        """``shortcut + alpha * skip_gain * stochastic_depth(2 * se(f) * f)``.
+
+        Call from the subclass's ``@nn.compact`` ``__call__``; creates, in the block's
+        scope, submodule ``"se"`` (only when ``se_ratio > 0``), ``"stochastic_depth"``
+        (no params) and scalar param ``"skip_gain"`` (init 0, float32), and sows
+        ``intermediates`` ``"branch_out"`` (``f`` after SE, before stochastic depth and
+        the gains) and ``"block_out"`` (the returned output). ``shortcut`` and ``f``:
+        same shape (N, H, W, W_out).
+        """
+        if self.se_ratio > 0:
+            f = 2.0 * SqueezeExcite(self.se_ratio, dtype=self.dtype, name="se")(f) * f
+        self.sow("intermediates", "branch_out", f)
+        f = StochasticDepth(self.stochastic_depth, name="stochastic_depth")(f, train=train)
+        gain = self.param("skip_gain", nn.initializers.zeros, (), jnp.float32)
+        out = shortcut + (self.alpha * gain).astype(f.dtype) * f
+        self.sow("intermediates", "block_out", out)
+        return out
 
 
 def check_stages(who: str, widths: Sequence[int], depths: Sequence[int]) -> None:

@@ -30,12 +30,12 @@ import jax.numpy as jnp
 from nfnets.activations import scaled_activation
 from nfnets.layers import (
     STAGE_STRIDES,
+    NFBlock,
     WSConv2D,
     check_image,
     check_stages,
     classifier_head,
     nf_betas,
-    nf_residual_output,
     total_stride,
 )
 
@@ -49,24 +49,17 @@ NF_RESNET_DEPTHS: dict[int, tuple[int, int, int, int]] = {
 }
 
 
-class NFResNetBlock(nn.Module):
-    """Pre-activation NF bottleneck block; (N, H, W, C_in) -> (N, H/stride, W/stride, W)."""
+class NFResNetBlock(NFBlock):
+    """Pre-activation NF bottleneck block; (N, H, W, C_in) -> (N, H/stride, W/stride, W).
 
-    features: int
-    mid: int
-    stride: int
-    beta: float
-    alpha: float
-    se_ratio: float
-    stochastic_depth: float
-    activation: str
-    dtype: Any = jnp.float32
+    Fields: :class:`nfnets.layers.NFBlock`.
+    """
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         act = scaled_activation(self.activation)
         conv = lambda *a, **k: WSConv2D(*a, dtype=self.dtype, **k)
-        out = act(x) * jnp.asarray(self.beta, x.dtype)
+        out = self.preactivate(x)
         if self.stride > 1 or x.shape[-1] != self.features:
             shortcut = conv(self.features, 1, strides=self.stride, name="conv_shortcut")(out)
         else:
@@ -74,16 +67,7 @@ class NFResNetBlock(nn.Module):
         f = conv(self.mid, 1, name="conv0")(out)
         f = conv(self.mid, 3, strides=self.stride, name="conv1")(act(f))
         f = conv(self.features, 1, name="conv2")(act(f))
-        return nf_residual_output(
-            self,
-            shortcut,
-            f,
-            alpha=self.alpha,
-            se_ratio=self.se_ratio,
-            stochastic_depth=self.stochastic_depth,
-            train=train,
-            dtype=self.dtype,
-        )
+        return self.residual_output(shortcut, f, train=train)
 
 
 def check_nf_resnet_config(model: NFResNet) -> None:

@@ -37,12 +37,12 @@ import jax.numpy as jnp
 from nfnets.activations import scaled_activation
 from nfnets.layers import (
     STAGE_STRIDES,
+    NFBlock,
     WSConv2D,
     check_image,
     check_stages,
     classifier_head,
     nf_betas,
-    nf_residual_output,
     total_stride,
 )
 
@@ -72,25 +72,19 @@ NFNET_VARIANTS: dict[str, NFNetVariant] = {
 }
 
 
-class NFNetBlock(nn.Module):
-    """One NFNet bottleneck block; input (N, H, W, C_in), output (N, H/stride, W/stride, W)."""
+class NFNetBlock(NFBlock):
+    """One NFNet bottleneck block; input (N, H, W, C_in), output (N, H/stride, W/stride, W).
 
-    features: int
-    mid: int
-    groups: int
-    stride: int
-    beta: float
-    alpha: float
-    se_ratio: float
-    stochastic_depth: float
-    activation: str
-    dtype: Any = jnp.float32
+    Fields: :class:`nfnets.layers.NFBlock`, plus ``groups`` of the 3x3 convs.
+    """
+
+    groups: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         act = scaled_activation(self.activation)
         conv = lambda *a, **k: WSConv2D(*a, dtype=self.dtype, **k)
-        out = act(x) * jnp.asarray(self.beta, x.dtype)
+        out = self.preactivate(x)
         if self.stride > 1:
             pooled = nn.avg_pool(
                 out,
@@ -110,16 +104,7 @@ class NFNetBlock(nn.Module):
         )
         f = conv(self.mid, 3, feature_group_count=self.groups, name="conv1b")(act(f))
         f = conv(self.features, 1, name="conv2")(act(f))
-        return nf_residual_output(
-            self,
-            shortcut,
-            f,
-            alpha=self.alpha,
-            se_ratio=self.se_ratio,
-            stochastic_depth=self.stochastic_depth,
-            train=train,
-            dtype=self.dtype,
-        )
+        return self.residual_output(shortcut, f, train=train)
 
 
 def check_nfnet_config(model: NFNet) -> None:

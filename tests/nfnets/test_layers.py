@@ -199,28 +199,20 @@ def test_check_stages_and_total_stride():
     assert layers.total_stride(2, 0) == 2
 
 
-class _Tail(nn.Module):
-    se_ratio: float
-
+class _Tail(layers.NFBlock):
     @nn.compact
     def __call__(self, shortcut, f, *, train):
-        return layers.nf_residual_output(
-            self,
-            shortcut,
-            f,
-            alpha=0.3,
-            se_ratio=self.se_ratio,
-            stochastic_depth=0.0,
-            train=train,
-            dtype=None,
-        )
+        return self.residual_output(shortcut, f, train=train)
 
 
 @pytest.mark.parametrize("se_ratio", [0.0, 0.5])
-def test_nf_residual_output_params_sows_and_formula(se_ratio):
+def test_nf_block_residual_output_params_sows_and_formula(se_ratio):
     shortcut = jax.random.normal(jax.random.key(0), (2, 3, 3, 4))
     f = jax.random.normal(jax.random.key(1), (2, 3, 3, 4))
-    module = _Tail(se_ratio)
+    module = _Tail(
+        features=4, mid=4, stride=1, beta=1.0, alpha=0.3, se_ratio=se_ratio,
+        stochastic_depth=0.0, activation="relu",
+    )  # fmt: skip
     params = module.init(jax.random.key(2), shortcut, f, train=False)["params"]
     assert set(params) == ({"se", "skip_gain"} if se_ratio else {"skip_gain"})
     assert params["skip_gain"].shape == () and float(params["skip_gain"]) == 0.0
