@@ -13,7 +13,7 @@ parameters and call them.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -333,6 +333,41 @@ def nf_betas(depths: Sequence[int], alpha: float) -> list[float]:
                 expected_std = 1.0
             expected_std = (expected_std**2 + alpha**2) ** 0.5
     return betas
+
+
+class BlockPlan(NamedTuple):
+    """Where one residual block sits and how it is scaled (see :func:`nf_block_plan`)."""
+
+    stage: int
+    block: int  # index within the stage
+    stride: int
+    beta: float
+    drop_rate: float
+
+
+def nf_block_plan(depths: Sequence[int], alpha: float, stochastic_depth: float) -> list[BlockPlan]:
+    """One :class:`BlockPlan` per block of an NF network, in order.
+
+    ``stride`` is ``STAGE_STRIDES[stage]`` for a stage's first block, else 1; ``beta``
+    from :func:`nf_betas`; the stochastic-depth rate of block ``i`` (counting over all
+    stages) is ``stochastic_depth * i / num_blocks``.
+    """
+    betas = nf_betas(depths, alpha)
+    num_blocks = sum(depths)
+    plan = []
+    for stage, depth in enumerate(depths):
+        for block in range(depth):
+            index = len(plan)
+            plan.append(
+                BlockPlan(
+                    stage=stage,
+                    block=block,
+                    stride=STAGE_STRIDES[stage] if block == 0 else 1,
+                    beta=betas[index],
+                    drop_rate=stochastic_depth * index / num_blocks,
+                )
+            )
+    return plan
 
 
 def check_image(x: jax.Array, min_size: int, who: str) -> None:

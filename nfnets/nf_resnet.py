@@ -29,13 +29,12 @@ import jax.numpy as jnp
 
 from nfnets.activations import scaled_activation
 from nfnets.layers import (
-    STAGE_STRIDES,
     NFBlock,
     WSConv2D,
     check_image,
     check_stages,
     classifier_head,
-    nf_betas,
+    nf_block_plan,
     total_stride,
 )
 
@@ -122,24 +121,20 @@ class NFResNet(nn.Module):
             h = WSConv2D(self.stem_width, 7, strides=2, dtype=self.dtype, name="stem_conv")(x)
             h = nn.max_pool(h, (3, 3), strides=(2, 2), padding="SAME")
 
-        betas = nf_betas(self.depths, self.alpha)
-        num_blocks = sum(self.depths)
-        index = 0
-        for stage, (width, depth) in enumerate(zip(self.widths, self.depths, strict=True)):
-            for block in range(depth):
-                h = NFResNetBlock(
-                    features=width,
-                    mid=int(width * self.bottleneck_ratio),
-                    stride=STAGE_STRIDES[stage] if block == 0 else 1,
-                    beta=betas[index],
-                    alpha=self.alpha,
-                    se_ratio=self.se_ratio,
-                    stochastic_depth=self.stochastic_depth * index / num_blocks,
-                    activation=self.activation,
-                    dtype=self.dtype,
-                    name=f"stage{stage}_block{block}",
-                )(h, train=train)
-                index += 1
+        for p in nf_block_plan(self.depths, self.alpha, self.stochastic_depth):
+            width = self.widths[p.stage]
+            h = NFResNetBlock(
+                features=width,
+                mid=int(width * self.bottleneck_ratio),
+                stride=p.stride,
+                beta=p.beta,
+                alpha=self.alpha,
+                se_ratio=self.se_ratio,
+                stochastic_depth=p.drop_rate,
+                activation=self.activation,
+                dtype=self.dtype,
+                name=f"stage{p.stage}_block{p.block}",
+            )(h, train=train)
 
         return classifier_head(
             act(h),

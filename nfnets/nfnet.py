@@ -36,13 +36,12 @@ import jax.numpy as jnp
 
 from nfnets.activations import scaled_activation
 from nfnets.layers import (
-    STAGE_STRIDES,
     NFBlock,
     WSConv2D,
     check_image,
     check_stages,
     classifier_head,
-    nf_betas,
+    nf_block_plan,
     total_stride,
 )
 
@@ -176,26 +175,22 @@ class NFNet(nn.Module):
             h = act(conv(64, 3, name="stem_conv2")(h))
             h = conv(ch, 3, strides=2, name="stem_conv3")(h)
 
-        betas = nf_betas(self.depths, self.alpha)
-        num_blocks = sum(self.depths)
-        index = 0
-        for stage, (width, depth) in enumerate(zip(self.widths, self.depths, strict=True)):
+        for p in nf_block_plan(self.depths, self.alpha, self.stochastic_depth):
+            width = self.widths[p.stage]
             mid = bottleneck_width(width, self.bottleneck_ratio, self.group_width)
-            for block in range(depth):
-                h = NFNetBlock(
-                    features=width,
-                    mid=mid,
-                    groups=mid // self.group_width,
-                    stride=STAGE_STRIDES[stage] if block == 0 else 1,
-                    beta=betas[index],
-                    alpha=self.alpha,
-                    se_ratio=self.se_ratio,
-                    stochastic_depth=self.stochastic_depth * index / num_blocks,
-                    activation=self.activation,
-                    dtype=self.dtype,
-                    name=f"stage{stage}_block{block}",
-                )(h, train=train)
-                index += 1
+            h = NFNetBlock(
+                features=width,
+                mid=mid,
+                groups=mid // self.group_width,
+                stride=p.stride,
+                beta=p.beta,
+                alpha=self.alpha,
+                se_ratio=self.se_ratio,
+                stochastic_depth=p.drop_rate,
+                activation=self.activation,
+                dtype=self.dtype,
+                name=f"stage{p.stage}_block{p.block}",
+            )(h, train=train)
 
         h = act(conv(int(self.final_conv_mult * self.widths[-1]), 1, name="final_conv")(h))
         return classifier_head(

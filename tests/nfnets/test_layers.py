@@ -178,6 +178,15 @@ def test_nf_betas_follow_expected_std_with_reset():
     np.testing.assert_allclose(got, expected, rtol=1e-12)
 
 
+def test_nf_block_plan():
+    plan = layers.nf_block_plan((2, 1, 3), alpha=0.3, stochastic_depth=0.6)
+    assert [(p.stage, p.block, p.stride) for p in plan] == [
+        (0, 0, 1), (0, 1, 1), (1, 0, 2), (2, 0, 2), (2, 1, 1), (2, 2, 1),
+    ]  # fmt: skip
+    np.testing.assert_allclose([p.drop_rate for p in plan], [0.6 * i / 6 for i in range(6)])
+    assert [p.beta for p in plan] == layers.nf_betas((2, 1, 3), 0.3)
+
+
 def test_check_image_messages():
     with pytest.raises(ValueError, match="minimum image size is 32x32"):
         layers.check_image(jnp.zeros((1, 16, 40, 3)), 32, "M")
