@@ -74,44 +74,11 @@ def _conv(
     return y
 
 
-def _conv_params(
-    conv: nn.Module, x: jax.Array, *, with_gain: bool
-) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
-    """Checks groups and creates ``conv``'s params ``kernel`` (HWIO, per-group input
-    count), then ``gain`` (features,) init 1 if ``with_gain``, then ``bias`` (features,)
-    init 0 if ``conv.use_bias``. Call from ``conv``'s ``@nn.compact`` method."""
-    groups = conv.feature_group_count
-    _check_groups(x.shape[-1], conv.features, groups, type(conv).__name__)
-    kh, kw = _pair(conv.kernel_size, "kernel_size")
-    shape = (kh, kw, x.shape[-1] // groups, conv.features)
-    kernel = conv.param("kernel", conv.kernel_init, shape, conv.param_dtype)
-    gain = (
-        conv.param("gain", nn.initializers.ones, (conv.features,), conv.param_dtype)
-        if with_gain
-        else None
-    )
-    bias = (
-        conv.param("bias", nn.initializers.zeros, (conv.features,), conv.param_dtype)
-        if conv.use_bias
-        else None
-    )
-    return kernel, gain, bias
+class _StandardizedConv(nn.Module):
+    """Fields, params and convolution shared by :class:`WSConv2D` and :class:`StdConv2D`.
 
-
-class WSConv2D(nn.Module):
-    """2D convolution with scaled weight standardization (Brock et al., 2021).
-
-    ``w_hat = gain * (w - mean) * rsqrt(max(var * fan_in, eps))`` per output channel,
-    mean/var over the HWIO kernel's (H, W, I) axes, ``fan_in = H * W * I`` where
-    ``I`` is the per-group input count for grouped convolutions
-    (``feature_group_count``). Statistics are float32 whatever ``dtype``; the
-    standardized kernel is then cast to the compute dtype.
-
-    Input ``(N, H, W, C_in)``, output ``(N, H', W', features)``.
-
-    Params: ``kernel`` (kh, kw, C_in / groups, features), raw, initialised
-    ``variance_scaling(1, fan_in, normal)``; ``gain`` (features,) init 1;
-    ``bias`` (features,) init 0 when ``use_bias``.
+    Subclasses set the defaults of ``use_bias``, ``eps`` and ``kernel_init`` and say
+    how the kernel is standardized.
     """
 
     features: int
@@ -125,39 +92,86 @@ class WSConv2D(nn.Module):
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
+    def make_params(
+        self, x: jax.Array, *, with_gain: bool
+    ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+        """Checks groups and creates ``kernel`` (HWIO, per-group input count), then
+        ``gain`` (features,) init 1 if ``with_gain``, then ``bias`` (features,) init 0
+        if ``use_bias``. Call from the subclass's ``@nn.compact`` ``__call__``."""
+        groups = self.feature_group_count
+        _check_groups(x.shape[-1], self.features, groups, type(self).__name__)
+        kh, kw = _pair(self.kernel_size, "kernel_size")
+        shape = (kh, kw, x.shape[-1] // groups, self.features)
+        kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
+        pshape = (self.features,)
+        gain = (
+            self.param("gain", nn.initializers.ones, pshape, self.param_dtype)
+            if with_gain
+            else None
+        )
+        bias = (
+            self.param("bias", nn.initializers.zeros, pshape, self.param_dtype)
+            if self.use_bias
+            else None
+        )
+        return kernel, gain, bias
+
+    def conv(self, x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
+        """``x`` convolved with the (standardized) ``kernel``, plus ``bias``."""
+        return _conv(
+            x, kernel, bias, self.strides, self.padding, self.feature_group_count, self.dtype
+        )
+
+
+class WSConv2D(_StandardizedConv):
+    """2D convolution with scaled weight standardization (Brock et al., 2021).
+
+    ``w_hat = gain * (w - mean) * rsqrt(max(var * fan_in, eps))`` per output channel,
+    mean/var over the HWIO kernel's (H, W, I) axes, ``fan_in = H * W * I`` where
+    ``I`` is the per-group input count for grouped convolutions
+    (``feature_group_count``). Statistics are float32 whatever ``dtype``; the
+    standardized kernel is then cast to the compute dtype.
+
+    Input ``(N, H, W, C_in)``, output ``(N, H', W', features)``.
+
+    Params: ``kernel`` (kh, kw, C_in / groups, features), raw, initialised
+    ``variance_scaling(1, fan_in, normal)``; ``gain`` (features,) init 1;
+    ``bias`` (features,) init 0 when ``use_bias``.
+
+    Fields: ``features``, ``kernel_size=3``, ``strides=1``, ``padding="SAME"``,
+    ``feature_group_count=1``, ``use_bias=True``, ``eps=1e-4``, ``kernel_init``,
+    ``dtype=None`` (compute), ``param_dtype=float32``.
+    """
+
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel, gain, bias = _conv_params(self, x, with_gain=True)
+        kernel, gain, bias = self.make_params(x, with_gain=True)
         w = norms.scaled_weight_standardize(
             kernel.astype(jnp.float32), gain.astype(jnp.float32), eps=self.eps
         )
-        return _conv(x, w, bias, self.strides, self.padding, self.feature_group_count, self.dtype)
+        return self.conv(x, w, bias)
 
 
-class StdConv2D(nn.Module):
+class StdConv2D(_StandardizedConv):
     """2D convolution with weight standardization (Qiao et al., 2019), for GN+WS.
 
     ``w_hat = (w - mean) * rsqrt(var + eps)`` per output channel over (H, W, I);
     statistics float32. No gain (the following norm layer carries the affine).
     Params: ``kernel`` (HWIO) and optional ``bias``.
+
+    Fields as :class:`WSConv2D`, with defaults ``use_bias=False``, ``eps=1e-5``,
+    ``kernel_init=variance_scaling(2, fan_in, normal)``.
     """
 
-    features: int
-    kernel_size: IntPair = 3
-    strides: IntPair = 1
-    padding: str | Sequence[tuple[int, int]] = "SAME"
-    feature_group_count: int = 1
     use_bias: bool = False
     eps: float = 1e-5
     kernel_init: Any = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel, _, bias = _conv_params(self, x, with_gain=False)
+        kernel, _, bias = self.make_params(x, with_gain=False)
         w = norms.weight_standardize(kernel.astype(jnp.float32), eps=self.eps)
-        return _conv(x, w, bias, self.strides, self.padding, self.feature_group_count, self.dtype)
+        return self.conv(x, w, bias)
 
 
 class SqueezeExcite(nn.Module):
