@@ -14,9 +14,9 @@ def fake_data(directory) -> str:
     return str(directory)
 
 
-def tiny_nf_config(data_dir: str):
-    """Two-stage NF-ResNet (widths 8, 16), batch 16: 4 steps per epoch on fake data."""
-    c = default.get_config()
+def _tiny(c, data_dir: str):
+    """Shrinks ``c`` in place: two stages (stem 8, widths 8/16, one block each),
+    batch 16, eval batch 24, one epoch without warmup, log every step, no bar."""
     c.data_dir = data_dir
     c.model_kwargs.stem_width = 8
     c.model_kwargs.widths = (8, 16)
@@ -26,23 +26,19 @@ def tiny_nf_config(data_dir: str):
     c.num_epochs = 1.0
     c.warmup_epochs = 0.0
     c.log_every_steps = 1
-    c.checkpoint_every_steps = 0
     c.progress_bar = False
+    return c
+
+
+def tiny_nf_config(data_dir: str):
+    """Two-stage NF-ResNet (widths 8, 16), batch 16: 4 steps per epoch on fake data."""
+    c = _tiny(default.get_config(), data_dir)
+    c.checkpoint_every_steps = 0
     return c
 
 
 def tiny_bn_config(data_dir: str, norm: str = "batch_norm"):
     """Two-stage ResNet-18 v2 (small) with ``norm``, same sizes as ``tiny_nf_config``."""
-    c = fashion_mnist_norms.get_config(norm)
-    c.data_dir = data_dir
-    c.model_kwargs.stem_width = 8
-    c.model_kwargs.widths = (8, 16)
-    c.model_kwargs.depths = (1, 1)
-    c.batch_size = 16
-    c.eval_batch_size = 24
-    c.num_epochs = 1.0
-    c.warmup_epochs = 0.0
-    c.log_every_steps = 1
+    c = _tiny(fashion_mnist_norms.get_config(norm), data_dir)
     c.precise_bn_batches = 0
-    c.progress_bar = False
     return c
