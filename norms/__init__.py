@@ -5,13 +5,7 @@ small state pytree and never mutate. Flax modules over these live in
 ``norms.linen`` (the only place flax is imported).
 """
 
-from norms.batch_norm import (
-    BatchNormState,
-    batch_norm,
-    init_batch_norm_state,
-    sync_batch_stats,
-    update_running_stats,
-)
+from norms.batch_norm import batch_norm
 from norms.batch_renorm import (
     BatchRenormState,
     batch_renorm,
@@ -24,6 +18,12 @@ from norms.filter_response_norm import filter_response_norm
 from norms.group_norm import group_norm, instance_norm, layer_norm
 from norms.moments import merge_moments, moments
 from norms.precise_bn import apply_recomputed_stats, recompute_batch_stats
+from norms.running_stats import (
+    BatchNormState,
+    init_batch_norm_state,
+    sync_batch_stats,
+    update_running_stats,
+)
 from norms.switchable_norm import switchable_norm
 from norms.weight_standardization import scaled_weight_standardize, weight_standardize
 

@@ -26,14 +26,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from norms.batch_norm import (
-    batch_statistics,
-    init_batch_norm_state,
-    normalize,
-    normalize_with_running_stats,
-    prepare,
-    update_running_stats,
-)
+from norms.batch_norm import batch_statistics, normalize, normalize_with_running_stats
+from norms.checks import prepare
+from norms.running_stats import init_batch_norm_state, update_running_stats
 
 Schedule = float | Callable[[jax.Array], jax.Array]
 
@@ -63,7 +58,7 @@ class BatchRenormState(NamedTuple):
 def init_batch_renorm_state(num_features: int) -> BatchRenormState:
     """Fresh state: mean 0, var 1 (float32, (C,)), count 0 and step 0 (int32).
 
-    The batch-norm fields come from :func:`norms.batch_norm.init_batch_norm_state`."""
+    The batch-norm fields come from :func:`norms.running_stats.init_batch_norm_state`."""
     return BatchRenormState(*init_batch_norm_state(num_features), step=jnp.zeros((), jnp.int32))
 
 

@@ -47,4 +47,81 @@ def require_spatial(ndim: int, x_shape: Sequence[int], who: str, why: str) -> No
         )
 
 
-__all__ = ["channel_params", "require_spatial"]
+# Checks every stateful norm runs on its state and hyper-parameters.
+
+ON_STALE = ("warn", "error", "ignore")
+
+
+def channel_axis(x: jax.Array, axis: int, who: str) -> int:
+    """The channel axis of ``x`` as a non-negative int; errors name the shape."""
+    if not isinstance(axis, int):
+        raise ValueError(f"{who}: axis must be one int (the channel axis), got {axis!r}")
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"{who}: axis={axis} is out of range for an input of shape {x.shape}")
+    return axis % x.ndim
+
+
+def check_state(state, num_channels: int, x_shape, axis: int, who: str) -> None:
+    """Checks that running mean/var have shape (C,)."""
+    for name in ("mean", "var"):
+        shape = jnp.shape(getattr(state, name))
+        if shape != (num_channels,):
+            raise ValueError(
+                f"{who}: state.{name} has shape {shape} but the input of shape "
+                f"{tuple(x_shape)} has {num_channels} channels on axis {axis}; create the "
+                f"state with init_batch_norm_state({num_channels})."
+            )
+
+
+def check_momentum(momentum, who: str) -> None:
+    """Checks ``0 <= momentum <= 1`` when momentum is a Python number."""
+    if isinstance(momentum, int | float) and not 0.0 <= momentum <= 1.0:
+        raise ValueError(
+            f"{who}: momentum={momentum} must be in [0, 1]; it is the weight on the OLD "
+            "running value (PyTorch momentum 0.1 == 0.9 here)."
+        )
+
+
+def check_eps(eps, who: str) -> None:
+    """Checks ``eps > 0`` when eps is a Python number."""
+    if isinstance(eps, int | float) and not eps > 0:
+        raise ValueError(f"{who}: eps={eps} must be > 0 (it keeps rsqrt(var + eps) finite)")
+
+
+def check_on_stale(on_stale: str, who: str) -> None:
+    if on_stale not in ON_STALE:
+        raise ValueError(f"{who}: on_stale={on_stale!r}; choose one of {ON_STALE}")
+
+
+def check_running_args(state, x_shape, axis: int, momentum, eps, on_stale: str, who: str):
+    """The checks every stateful norm runs on its state and hyper-parameters.
+
+    ``axis`` is the (non-negative) channel axis of an input of shape ``x_shape``.
+    """
+    check_state(state, x_shape[axis], x_shape, axis, who)
+    check_momentum(momentum, who)
+    check_eps(eps, who)
+    check_on_stale(on_stale, who)
+
+
+def prepare(x, state, scale, bias, *, axis, momentum, eps, on_stale, who):
+    """Entry checks shared by the stateful norms; returns ``(x, channel_axis, scale, bias)``."""
+    x = jnp.asarray(x)
+    ax = channel_axis(x, axis, who)
+    scale, bias = channel_params(who, x.shape, ax, scale=scale, bias=bias)
+    check_running_args(state, x.shape, ax, momentum, eps, on_stale, who)
+    return x, ax, scale, bias
+
+
+__all__ = [
+    "ON_STALE",
+    "channel_axis",
+    "channel_params",
+    "check_eps",
+    "check_momentum",
+    "check_on_stale",
+    "check_running_args",
+    "check_state",
+    "prepare",
+    "require_spatial",
+]

@@ -18,16 +18,10 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from norms.batch_norm import (
-    BatchMoments,
-    BatchNormState,
-    check_running_args,
-    check_stale,
-    update_running_stats,
-)
-from norms.checks import channel_params, require_spatial
+from norms.checks import channel_params, check_running_args, require_spatial
 from norms.group_norm import channels_last, grouped_moments, mask_channels_last, per_channel
 from norms.moments import moments, stats_dtype
+from norms.running_stats import BatchMoments, BatchNormState, check_stale, update_running_stats
 
 
 def evonorm_b0(
@@ -53,7 +47,7 @@ def evonorm_b0(
 
     Args:
       x: input, batch axis 0, channel axis ``axis``, at least one spatial axis.
-      state: :class:`norms.batch_norm.BatchNormState`; ``state.var`` is the running
+      state: :class:`norms.running_stats.BatchNormState`; ``state.var`` is the running
         ``var_B`` used in eval. ``state.mean`` is updated too (same rule) but unused.
       scale, bias: per-channel ``(C,)`` arrays or ``None``.
       v: per-channel ``(C,)`` (init 1).
@@ -67,7 +61,7 @@ def evonorm_b0(
       mask: optional boolean broadcastable to ``x``: values that enter the batch and
         instance variances.
       on_stale: "warn" | "error" | "ignore" for eval with never-updated statistics.
-      return_batch_stats: also return the batch :class:`~norms.batch_norm.BatchMoments`
+      return_batch_stats: also return the batch :class:`~norms.running_stats.BatchMoments`
         (``(C,)`` mean, biased var, count; ``None`` in eval), e.g. for
         :func:`norms.recompute_batch_stats`.
 

@@ -36,11 +36,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from norms.batch_norm import BatchNormState, batch_norm, init_batch_norm_state
+from norms.batch_norm import batch_norm
 from norms.batch_renorm import BatchRenormState, batch_renorm
 from norms.evo_norm import evonorm_b0, evonorm_s0
 from norms.filter_response_norm import filter_response_norm
 from norms.group_norm import group_norm, instance_norm, layer_norm
+from norms.running_stats import BatchNormState, init_batch_norm_state
 from norms.switchable_norm import switchable_norm
 
 Initializer = Callable[..., jax.Array]
@@ -337,6 +338,10 @@ _MODULES: dict[str, type[nn.Module]] = {
 }
 
 NORM_NAMES: tuple[str, ...] = tuple(_MODULES)
+# The norms keeping running statistics in "batch_stats"; the only ones taking axis_name.
+STATEFUL_NORM_NAMES: tuple[str, ...] = tuple(
+    n for n, cls in _MODULES.items() if issubclass(cls, _Stateful)
+)
 
 
 def module_fields(cls: type[nn.Module]) -> tuple[str, ...]:
@@ -367,6 +372,7 @@ def make(name: str, /, **kwargs) -> nn.Module:
 
 __all__ = [
     "NORM_NAMES",
+    "STATEFUL_NORM_NAMES",
     "BatchNorm",
     "BatchRenorm",
     "EvoNormB0",

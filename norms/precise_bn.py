@@ -29,7 +29,7 @@ when that collection is mutable)::
 
 (The updated ``batch_stats`` returned by ``apply`` are discarded: the model is
 frozen.) For pure functions, ``batch_norm(..., return_batch_stats=True)`` returns
-the same :class:`~norms.batch_norm.BatchMoments`.
+the same :class:`~norms.running_stats.BatchMoments`.
 """
 
 from __future__ import annotations
@@ -41,18 +41,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from norms.batch_norm import is_stats_node
 from norms.moments import merge_moments
-
-
-def _get(node, key):
-    return node[key] if isinstance(node, Mapping) else getattr(node, key)
-
-
-def _replace(node, **new):
-    if isinstance(node, Mapping):
-        return {**node, **{k: v for k, v in new.items() if k in node}}
-    return node._replace(**{k: v for k, v in new.items() if k in node._fields})
+from norms.running_stats import has_stats_field as _has
+from norms.running_stats import is_stats_node
+from norms.running_stats import replace_stats as _replace
+from norms.running_stats import stats_field as _get
 
 
 def _merge_node(a, b):
@@ -68,7 +61,7 @@ def _merge_node(a, b):
 def merge_stats_trees(a: Any, b: Any) -> Any:
     """Exact count-weighted merge of two trees of (mean, var, count) nodes.
 
-    Nodes are NamedTuples (:class:`~norms.batch_norm.BatchMoments`) or mappings
+    Nodes are NamedTuples (:class:`~norms.running_stats.BatchMoments`) or mappings
     with ``mean``, ``var`` (biased) and ``count`` entries; the trees must have the
     same structure. Leading axes (e.g. a pmap device axis) are merged elementwise.
     """
@@ -114,7 +107,7 @@ def apply_recomputed_stats(batch_stats: Any, recomputed: Any, *, unbiased: bool 
     """Writes recomputed (mean, var) into running statistics; returns the new tree.
 
     ``batch_stats`` is a flax ``"batch_stats"`` collection (nested dicts) or any
-    tree of states (:class:`~norms.batch_norm.BatchNormState`, ...);
+    tree of states (:class:`~norms.running_stats.BatchNormState`, ...);
     ``recomputed`` is the output of :func:`recompute_batch_stats` and may cover a
     subset of the layers (others are left as they are). Each covered layer gets
     ``mean``/``var`` replaced (cast to the stored dtype) and ``count`` set to at
@@ -168,10 +161,6 @@ def _apply(target, rec, unbiased, path):
     raise ValueError(
         f"apply_recomputed_stats: unexpected {type(rec).__name__} at {'/'.join(path) or '<root>'}"
     )
-
-
-def _has(node, key) -> bool:
-    return key in node if isinstance(node, Mapping) else key in getattr(node, "_fields", ())
 
 
 __all__ = ["apply_recomputed_stats", "merge_stats_trees", "recompute_batch_stats"]

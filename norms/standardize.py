@@ -107,7 +107,8 @@ class Population:
         return jnp.repeat(t, channels // self.num_groups, axis=-1)
 
 
-def _is_zero(t) -> bool:
+def is_zero_tangent(t) -> bool:
+    """True for a tangent that ``jax.custom_jvp(..., symbolic_zeros=True)`` marks as zero."""
     return t is None or isinstance(t, SymbolicZero)
 
 
@@ -150,7 +151,7 @@ def _standardize_jvp(pop, eps, primals, tangents):
     # dy = a * dx + alpha + xc * beta, alpha and beta in the partial layout.
     alpha = beta = None
     dmean = dvar = jnp.zeros_like(mean)
-    if not _is_zero(dx):
+    if not is_zero_tangent(dx):
         wdx = dx if mask is None else jnp.where(mask, dx, 0.0)
         s1 = jnp.sum(wdx, axis=pop.axes, keepdims=True)
         s2 = jnp.sum(xc * wdx, axis=pop.axes, keepdims=True)
@@ -162,14 +163,14 @@ def _standardize_jvp(pop, eps, primals, tangents):
         dvar = 2.0 * s2 * inv
         beta = -a * pop.expand(r * r * s2 * inv, c)
         alpha = -a * pop.expand(dmean, c)
-    if scale is not None and not _is_zero(dscale):
+    if scale is not None and not is_zero_tangent(dscale):
         t = r_p * dscale
         beta = t if beta is None else beta + t
     if beta is not None and shift is not None:
         alpha = shift * beta if alpha is None else alpha + shift * beta
-    if bias is not None and not _is_zero(dbias):
+    if bias is not None and not is_zero_tangent(dbias):
         alpha = dbias if alpha is None else alpha + dbias
-    dy = None if _is_zero(dx) else a * dx
+    dy = None if is_zero_tangent(dx) else a * dx
     for term in (alpha, None if beta is None else xc * beta):
         if term is not None:
             dy = term if dy is None else dy + term

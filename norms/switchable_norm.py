@@ -23,16 +23,10 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from norms.batch_norm import (
-    BatchMoments,
-    BatchNormState,
-    check_running_args,
-    check_stale,
-    update_running_stats,
-)
-from norms.checks import channel_params, require_spatial
+from norms.checks import channel_params, check_running_args, require_spatial
 from norms.group_norm import channels_last, mask_channels_last
 from norms.moments import check_axis_name, merge_across_devices, merge_moments, moments
+from norms.running_stats import BatchMoments, BatchNormState, check_stale, update_running_stats
 
 
 def _check_logits(logits, name: str, dtype) -> jax.Array:
@@ -67,14 +61,14 @@ def switchable_norm(
 
     Args:
       x: input, batch axis 0, channel axis ``axis``.
-      state: :class:`norms.batch_norm.BatchNormState` of the BN branch (``(C,)``).
+      state: :class:`norms.running_stats.BatchNormState` of the BN branch (``(C,)``).
       scale, bias: per-channel ``(C,)`` arrays or ``None``.
       mean_logits, var_logits: ``(3,)`` logits over (IN, LN, BN) for the means and
         the variances; their softmaxes weigh the statistics.
       train: required. True: the BN branch uses the batch statistics (over the batch,
         spatial axes and devices on ``axis_name``) and the running statistics are
         updated (``new = momentum * old + (1 - momentum) * batch``, biased
-        variance, see :func:`norms.batch_norm.update_running_stats`). False: the BN
+        variance, see :func:`norms.running_stats.update_running_stats`). False: the BN
         branch uses ``state.mean``/``state.var`` and the state is returned unchanged.
       eps: added to the mixed variance inside the rsqrt.
       axis: the channel axis.
@@ -83,7 +77,7 @@ def switchable_norm(
         statistic (all three are count-weighted).
       on_stale: "warn" | "error" | "ignore" for eval with never-updated statistics.
       return_batch_stats: also return the BN branch's
-        :class:`~norms.batch_norm.BatchMoments` (``(C,)`` mean, biased var, count;
+        :class:`~norms.running_stats.BatchMoments` (``(C,)`` mean, biased var, count;
         ``None`` in eval), e.g. for :func:`norms.recompute_batch_stats`.
 
     Returns ``(y, new_state)`` (plus the batch moments with ``return_batch_stats``),

@@ -11,9 +11,9 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.custom_derivatives import SymbolicZero
 
 from norms.moments import moments, normalize_axes
+from norms.standardize import is_zero_tangent
 
 
 def _fan_in_axes(w: jax.Array, axes: Sequence[int] | None, who: str) -> tuple[int, ...]:
@@ -73,10 +73,6 @@ def _scaled_ws_forward(axes: tuple[int, ...], eps: float, w: jax.Array, gain: ja
     return (xc * a).astype(w.dtype), (xc, z, s, a)
 
 
-def _is_zero(t) -> bool:
-    return t is None or isinstance(t, SymbolicZero)
-
-
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
 def _scaled_ws(axes, eps, w, gain):
     return _scaled_ws_forward(axes, eps, w, gain)[0]
@@ -89,7 +85,7 @@ def _scaled_ws_jvp(axes, eps, primals, tangents):
     dw, dgain = tangents
     y, (xc, z, s, a) = _scaled_ws_forward(axes, eps, w, gain)
     dy = beta = None
-    if not _is_zero(dw):
+    if not is_zero_tangent(dw):
         dw = dw.astype(xc.dtype)
         dmean = jnp.mean(dw, axis=axes, keepdims=True)
         # ds = -s^3 / 2 * slope * dz with dz = 2 * sum(xc * dw); slope is d max(z, eps) / dz:
@@ -100,7 +96,7 @@ def _scaled_ws_jvp(axes, eps, primals, tangents):
         # the cotangent itself instead of first forming a * cotangent.
         dy = a * dw - a * dmean
         beta = ds if gain is None else ds * gain.astype(ds.dtype)
-    if gain is not None and not _is_zero(dgain):
+    if gain is not None and not is_zero_tangent(dgain):
         t = s * dgain.astype(s.dtype)
         beta = t if beta is None else beta + t
     if beta is not None:

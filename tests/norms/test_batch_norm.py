@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from norms import batch_norm, init_batch_norm_state
-from norms.batch_norm import BatchNormState, StaleStatisticsError, StaleStatisticsWarning
+from norms.running_stats import BatchNormState, StaleStatisticsError, StaleStatisticsWarning
 from tests.norms.numpy_refs import assert_grads_match
 
 # ---------------------------------------------------------------------------

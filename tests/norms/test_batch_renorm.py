@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from norms.batch_norm import BatchNormState, batch_norm
+from norms.batch_norm import batch_norm
 from norms.batch_renorm import (
     BatchRenormState,
     batch_renorm,
@@ -13,6 +13,7 @@ from norms.batch_renorm import (
     paper_d_max,
     paper_r_max,
 )
+from norms.running_stats import BatchNormState
 from tests.norms.numpy_refs import assert_grads_match
 from tests.norms.test_batch_norm import rand, ref_group_stats, ref_running
 

@@ -10,8 +10,8 @@ import pytest
 
 import norms
 from norms import linen as L
-from norms.batch_norm import BatchNormState, StaleStatisticsWarning
 from norms.batch_renorm import BatchRenormState
+from norms.running_stats import BatchNormState, StaleStatisticsWarning
 from tests.norms.test_batch_norm import rand
 
 X = rand((4, 2, 2, 32), 0, 1.0, 2.0)
