@@ -395,3 +395,22 @@ def check_image(x: jax.Array, min_size: int, who: str) -> None:
             f"(total stride {min_size}); the minimum image size is {min_size}x{min_size}. "
             "Use larger images or a '_small' variant (3x3 stride-1 stem, no max pool)."
         )
+
+
+class MinImageSize:
+    """Mixin of the models: ``min_image_size`` and the input check from the stride pattern.
+
+    The full stem has total stride 4; the ``_small`` stem has stride ``stem_stride``
+    (a field of NF-ResNet; 1 for models without it). The model needs ``small`` and
+    ``depths`` fields.
+    """
+
+    @property
+    def min_image_size(self) -> int:
+        """Total stride of stem and stages: the smallest H and W the model accepts."""
+        stem = getattr(self, "stem_stride", 1) if self.small else 4
+        return total_stride(stem, len(self.depths))
+
+    def check_input(self, x: jax.Array) -> None:
+        """Trace-time check of the NHWC input against ``min_image_size``."""
+        check_image(x, self.min_image_size, type(self).__name__)

@@ -29,13 +29,12 @@ import jax.numpy as jnp
 
 from nfnets.activations import scaled_activation
 from nfnets.layers import (
+    MinImageSize,
     NFBlock,
     WSConv2D,
-    check_image,
     check_stages,
     classifier_head,
     nf_block_plan,
-    total_stride,
 )
 
 NF_RESNET_WIDTHS = (256, 512, 1024, 2048)
@@ -80,7 +79,7 @@ def check_nf_resnet_config(model: NFResNet) -> None:
             )
 
 
-class NFResNet(nn.Module):
+class NFResNet(MinImageSize, nn.Module):
     """NF-ResNet (module docstring). ``__call__(images (N,H,W,C), *, train) -> (N, classes)``.
 
     Logits float32 whatever the compute ``dtype``; params float32. Stochastic depth
@@ -102,15 +101,10 @@ class NFResNet(nn.Module):
     stem_stride: int = 1  # small stem only: 2 halves the resolution (~4x less compute)
     dtype: Any = jnp.float32
 
-    @property
-    def min_image_size(self) -> int:
-        """Total stride of stem and stages: the smallest H and W the model accepts."""
-        return total_stride(self.stem_stride if self.small else 4, len(self.depths))
-
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         check_nf_resnet_config(self)
-        check_image(x, self.min_image_size, "NFResNet")
+        self.check_input(x)
         act = scaled_activation(self.activation)
         x = x.astype(self.dtype)
         if self.small:

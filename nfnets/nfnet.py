@@ -36,13 +36,12 @@ import jax.numpy as jnp
 
 from nfnets.activations import scaled_activation
 from nfnets.layers import (
+    MinImageSize,
     NFBlock,
     WSConv2D,
-    check_image,
     check_stages,
     classifier_head,
     nf_block_plan,
-    total_stride,
 )
 
 NFNET_WIDTHS = (256, 512, 1536, 1536)
@@ -132,7 +131,7 @@ def bottleneck_width(width: int, ratio: float, group_width: int) -> int:
     return group_width * (int(width * ratio) // group_width)
 
 
-class NFNet(nn.Module):
+class NFNet(MinImageSize, nn.Module):
     """NFNet (see module docstring). ``__call__(images (N, H, W, C), *, train) -> (N, classes)``.
 
     Logits are float32 whatever ``dtype`` (the compute dtype; params stay float32).
@@ -154,15 +153,10 @@ class NFNet(nn.Module):
     small: bool = False
     dtype: Any = jnp.float32
 
-    @property
-    def min_image_size(self) -> int:
-        """Total stride of stem and stages: the smallest H and W the model accepts."""
-        return total_stride(1 if self.small else 4, len(self.depths))
-
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         check_nfnet_config(self)
-        check_image(x, self.min_image_size, "NFNet")
+        self.check_input(x)
         act = scaled_activation(self.activation)
         conv = lambda *a, **k: WSConv2D(*a, dtype=self.dtype, **k)
         x = x.astype(self.dtype)

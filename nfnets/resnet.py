@@ -39,11 +39,10 @@ import jax.numpy as jnp
 from nfnets.activations import ACTIVATIONS
 from nfnets.layers import (
     STAGE_STRIDES,
+    MinImageSize,
     StdConv2D,
-    check_image,
     check_stages,
     classifier_head,
-    total_stride,
 )
 from norms import linen as norms_linen
 
@@ -156,7 +155,7 @@ def check_resnet_config(model: ResNet) -> None:
     check_stages("ResNet", model.widths, model.depths)
 
 
-class ResNet(_Layers):
+class ResNet(MinImageSize, _Layers):
     """ResNet baseline (module docstring). ``__call__(images, *, train) -> (N, classes)`` f32.
 
     Stateful norms keep their running statistics in the ``"batch_stats"``
@@ -175,15 +174,10 @@ class ResNet(_Layers):
     dropout: float = 0.0
     small: bool = False
 
-    @property
-    def min_image_size(self) -> int:
-        """Total stride of stem and stages: the smallest H and W the model accepts."""
-        return total_stride(1 if self.small else 4, len(self.depths))
-
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         check_resnet_config(self)
-        check_image(x, self.min_image_size, "ResNet")
+        self.check_input(x)
         act = ACTIVATIONS[self.activation]
         h = x.astype(self.dtype)
         if self.small:

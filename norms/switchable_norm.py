@@ -39,6 +39,40 @@ def _check_logits(logits, name: str, dtype) -> jax.Array:
     return logits.astype(dtype)
 
 
+def _layer_branch(count_in, mean_in, m2_in):
+    """LN-branch ``(mean, var)``: the instance moments merged over the channels."""
+    cnt_ln, mean_ln, m2_ln = merge_moments(count_in, mean_in, m2_in, axis=-1)
+    return mean_ln[..., None], m2_ln[..., None] / jnp.maximum(cnt_ln[..., None], 1.0)
+
+
+def _batch_branch(count_in, mean_in, m2_in, axis_name, axis_index_groups):
+    """BN-branch ``(mean, var, BatchMoments)`` from the instance moments.
+
+    Merges over the batch, then over devices (one collective); the moments are
+    stop-gradient (they only feed the running update).
+    """
+    cnt_bn, mean_bn, m2_bn = merge_moments(count_in, mean_in, m2_in, axis=0)
+    cnt_bn, mean_bn, m2_bn = merge_across_devices(
+        cnt_bn, mean_bn, m2_bn, axis_name, axis_index_groups
+    )
+    var_bn = m2_bn / jnp.maximum(cnt_bn, 1.0)
+    moments = BatchMoments(
+        *(jax.lax.stop_gradient(t.reshape(-1)) for t in (mean_bn, var_bn, cnt_bn))
+    )
+    return mean_bn, var_bn, moments
+
+
+def _affine_from_stats(mean, var, scale, bias, eps):
+    """``(a, b)`` with ``y = x * a + b = (x - mean) * rsqrt(var + eps) * scale + bias``."""
+    a = jax.lax.rsqrt(var + eps)
+    if scale is not None:
+        a = a * scale
+    b = -mean * a
+    if bias is not None:
+        b = b + bias
+    return a, b
+
+
 def switchable_norm(
     x: jax.Array,
     state: BatchNormState,
@@ -97,10 +131,7 @@ def switchable_norm(
     check_running_args(state, shape, axis, momentum, eps, on_stale, who)
 
     m2_in = var_in * count_in
-    # Layer norm moments: merge the instance moments over the channels.
-    cnt_ln, mean_ln, m2_ln = merge_moments(count_in, mean_in, m2_in, axis=-1)
-    mean_ln = mean_ln[..., None]
-    var_ln = m2_ln[..., None] / jnp.maximum(cnt_ln[..., None], 1.0)
+    mean_ln, var_ln = _layer_branch(count_in, mean_in, m2_in)
 
     if train:
         check_axis_name(axis_name, who)  # eval never uses it (init outside pmap works)
@@ -109,14 +140,8 @@ def switchable_norm(
                 f"{who}: training would reduce the BN branch over one value per channel "
                 f"(input shape {shape}); use a bigger batch or pass axis_name"
             )
-        # Batch norm moments: merge over the batch, then over devices (one collective).
-        cnt_bn, mean_bn, m2_bn = merge_moments(count_in, mean_in, m2_in, axis=0)
-        cnt_bn, mean_bn, m2_bn = merge_across_devices(
-            cnt_bn, mean_bn, m2_bn, axis_name, axis_index_groups
-        )
-        var_bn = m2_bn / jnp.maximum(cnt_bn, 1.0)
-        batch_moments = BatchMoments(
-            *(jax.lax.stop_gradient(t.reshape(-1)) for t in (mean_bn, var_bn, cnt_bn))
+        mean_bn, var_bn, batch_moments = _batch_branch(
+            count_in, mean_in, m2_in, axis_name, axis_index_groups
         )
         new_state = update_running_stats(state, *batch_moments, momentum=momentum)
     else:
@@ -130,12 +155,7 @@ def switchable_norm(
     # inputs and free of the weights' rounding times a large mean.
     mean = mean_in + w[1] * (mean_ln - mean_in) + w[2] * (mean_bn - mean_in)
     var = wv[0] * var_in + wv[1] * var_ln + wv[2] * var_bn
-    a = jax.lax.rsqrt(var + eps)
-    if scale is not None:
-        a = a * scale
-    b = -mean * a
-    if bias is not None:
-        b = b + bias
+    a, b = _affine_from_stats(mean, var, scale, bias, eps)
     y = xl.astype(dt) * a + b
     y = jnp.moveaxis(y.astype(xl.dtype), -1, axis)
     return (y, new_state, batch_moments) if return_batch_stats else (y, new_state)
