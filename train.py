@@ -25,7 +25,7 @@ def _explain_override_error(argv: list[str]) -> str | None:
     """A readable message when a --config.<key> override names a key the config lacks."""
     import importlib.util
 
-    from nfnets.config import unknown_overrides, valid_keys
+    from nfnets.training.plan import unknown_overrides, valid_keys
 
     path = next(
         (a.split("=", 1)[1] for a in argv if a.startswith("--config=")),
@@ -70,9 +70,8 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--workdir is required, e.g. --workdir runs/default")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    from nfnets.config import ConfigError
-    from nfnets.data import DatasetNotFoundError
-    from nfnets.training import train
+    from nfnets.training import ConfigError, train
+    from nfnets.training.datasets import DatasetNotFoundError
 
     try:
         train(_CONFIG.value, _WORKDIR.value)

@@ -1,7 +1,7 @@
 """The full config schema with CPU-sized defaults; experiment files override values.
 
 Keys (all read by ``nfnets.training.train``; the optimizer keys by
-``nfnets.optim.make_optimizer``):
+``nfnets.training.optim.make_optimizer``):
 
 - ``seed``: one integer fixes initialisation, data order, augmentation and dropout.
 - ``dataset``: "fashion_mnist" | "cifar10" | "imagenet2012"; ``data_dir``: where the
@@ -28,7 +28,7 @@ Keys (all read by ``nfnets.training.train``; the optimizer keys by
 - optimizer: ``optimizer``, ``learning_rate`` (per ``lr_base_batch_size`` examples),
   ``lr_base_batch_size``, ``warmup_epochs``, ``momentum``, ``nesterov``,
   ``weight_decay``, ``adam_b1/b2/eps``, ``agc_clip`` (0 = off), ``agc_eps``,
-  ``agc_exclude``, ``label_smoothing`` (see nfnets/optim.py).
+  ``agc_exclude``, ``label_smoothing`` (see nfnets/training/optim.py).
 - ``ema``: parameter EMA: "none", "nfnet" (decay min(0.99999, (1+t)/(10+t))) or a
   fixed decay written as a string, e.g. "0.999".
 - ``precise_bn_batches``: > 0 re-estimates BN population statistics after training
@@ -45,7 +45,7 @@ Keys (all read by ``nfnets.training.train``; the optimizer keys by
 
 import ml_collections
 
-from nfnets.optim import default_optimizer_config
+from nfnets.training.optim import default_optimizer_config
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -81,10 +81,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.num_epochs = 1.0
     c.num_train_steps = -1
 
-    # Optimizer (nfnets.optim.make_optimizer): the defaults of
-    # nfnets.optim.default_optimizer_config() (SGD, Nesterov momentum 0.9, lr 0.1 per
-    # 256 examples, AdamW moments 0.9/0.999/1e-8, agc_eps 1e-3, AGC excludes "head"),
-    # except batch_size/num_epochs (set above) and these CPU-sized changes:
+    # Optimizer: the values of nfnets.training.optim.default_optimizer_config(), except
+    # batch_size/num_epochs (set above) and these CPU-sized changes:
     for key, value in default_optimizer_config().items():
         if key not in ("batch_size", "num_epochs"):
             c[key] = value

@@ -1,4 +1,4 @@
-"""ImageNet NFNet-F0, the paper recipe (Brock et al., 2021, DESIGN section 4).
+"""ImageNet NFNet-F0, the paper recipe (Brock et al., 2021, Sec. 4 and Appendix C).
 
 Batch 4096, 360 epochs, SGD Nesterov 0.9, lr 0.1 * B / 256 (1.6) with 5 warmup
 epochs then cosine to 0, AGC lambda 0.01 excluding the classifier ("head"),
@@ -11,7 +11,7 @@ as array_record in ``data_dir`` and a GPU/TPU host (or pod: set
 """
 
 from configs.common import base_config
-from nfnets.optim import default_optimizer_config
+from nfnets.training.optim import default_optimizer_config
 
 
 def get_config():
@@ -25,9 +25,7 @@ def get_config():
     c.augment.flip = True
     c.augment.mixup_alpha = 0.2
     c.augment.cutmix_alpha = 1.0
-    # The NFNet ImageNet recipe is nfnets.optim's default: batch 4096, 360 epochs,
-    # Nesterov SGD lr 0.1 * B / 256 with 5 warmup epochs, weight decay 2e-5,
-    # AGC 0.01 (not on "head"), label smoothing 0.1.
+    # The NFNet ImageNet recipe is the optimizer default (default_optimizer_config).
     c.update(default_optimizer_config())
     c.eval_batch_size = 1000
     c.ema = "nfnet"

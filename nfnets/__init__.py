@@ -1,4 +1,7 @@
-"""Normalizer-free ResNets/NFNets, normalized ResNet baselines and their building blocks."""
+"""Normalizer-free ResNets/NFNets, normalized ResNet baselines, their layers and AGC.
+
+The models live here; the training library is the ``training`` subpackage (no model imports it).
+"""
 
 from nfnets.activations import (
     ACTIVATIONS,
@@ -6,16 +9,8 @@ from nfnets.activations import (
     activation_gamma,
     scaled_activation,
 )
+from nfnets.agc import adaptive_grad_clip, agc_mask, weight_decay_mask
 from nfnets.layers import SqueezeExcite, StdConv2D, StochasticDepth, WSConv2D
-from nfnets.optim import (
-    adaptive_grad_clip,
-    agc_mask,
-    ema_decay_nfnet,
-    make_optimizer,
-    smoothed_cross_entropy,
-    update_ema,
-    weight_decay_mask,
-)
 from nfnets.registry import MODEL_NAMES, create_model
 
 __all__ = [
@@ -30,10 +25,6 @@ __all__ = [
     "adaptive_grad_clip",
     "agc_mask",
     "create_model",
-    "ema_decay_nfnet",
-    "make_optimizer",
     "scaled_activation",
-    "smoothed_cross_entropy",
-    "update_ema",
     "weight_decay_mask",
 ]

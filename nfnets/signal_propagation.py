@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import norms
+from nfnets.agc import path_names
 
 METRICS = ("avg_sq_channel_mean", "avg_channel_var", "residual_var")
 METRIC_TITLES = {
@@ -60,9 +61,7 @@ def set_skipinit_gains(
 
     def visit(path, leaf):
         nonlocal count
-        key = path[-1]
-        name = getattr(key, "key", getattr(key, "name", None))
-        if name in names:
+        if path_names(path)[-1] in names:
             count += 1
             return jnp.full_like(leaf, value)
         return leaf
@@ -97,6 +96,21 @@ def _channel_stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.mean(jnp.square(mean)), jnp.mean(var)
 
 
+def _prepare_variables(variables, skipinit_gain, skipinit_names) -> dict[str, Any]:
+    """``variables`` without sown collections, SkipInit gains set when asked."""
+    # flax's init returns what was sown during init; a second sow would append to it
+    variables = {k: v for k, v in variables.items() if k not in ("intermediates", "batch_moments")}
+    if skipinit_gain is not None:
+        params, count = set_skipinit_gains(variables["params"], skipinit_gain, skipinit_names)
+        if count == 0:
+            raise ValueError(
+                f"skipinit_gain={skipinit_gain} given but the model has no parameter named "
+                f"{tuple(skipinit_names)}; pass skipinit_gain=None or the right skipinit_names"
+            )
+        variables["params"] = params
+    return variables
+
+
 def signal_propagation(
     model: nn.Module,
     variables: Mapping[str, Any],
@@ -127,16 +141,7 @@ def signal_propagation(
     """
     if jnp.ndim(images) != 4:
         raise ValueError(f"images must be NHWC (N, H, W, C), got shape {jnp.shape(images)}")
-    # flax's init returns what was sown during init; a second sow would append to it
-    variables = {k: v for k, v in variables.items() if k not in ("intermediates", "batch_moments")}
-    if skipinit_gain is not None:
-        params, count = set_skipinit_gains(variables["params"], skipinit_gain, skipinit_names)
-        if count == 0:
-            raise ValueError(
-                f"skipinit_gain={skipinit_gain} given but the model has no parameter named "
-                f"{tuple(skipinit_names)}; pass skipinit_gain=None or the right skipinit_names"
-            )
-        variables["params"] = params
+    variables = _prepare_variables(variables, skipinit_gain, skipinit_names)
     if train is None:
         train = "batch_stats" in variables
     mutable = ["intermediates"] + (["batch_stats", "batch_moments"] if train else [])

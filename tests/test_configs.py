@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from nfnets.config import derive
-from nfnets.data import get_spec
 from nfnets.registry import create_model
-from nfnets.train_state import init_variables
+from nfnets.training.datasets import get_spec
+from nfnets.training.plan import make_plan
+from nfnets.training.step import init_variables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(
@@ -37,7 +37,9 @@ def test_config_builds(name):
     config = importlib.import_module(f"configs.{name}").get_config()
     config.lock()
     spec = get_spec(config.dataset)
-    d = derive(config, num_train_examples=50_000, num_devices=8, local_devices=8, process_count=1)
+    d = make_plan(
+        config, num_train_examples=50_000, num_devices=8, local_devices=8, process_count=1
+    )
     model = create_model(config.model, num_classes=spec.num_classes, **d.model_kwargs)
     size = config.image_size or spec.image_shape[0]
     x = jnp.zeros((2, size, size, spec.image_shape[2]))

@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.nfnets.tiny_config import N_TEST, fake_data
+from tests.nfnets.training.tiny_config import N_TEST, fake_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,7 +26,7 @@ WORKER = r"""
 import json, sys
 import jax, numpy as np
 from nfnets.training import run
-from tests.nfnets.tiny_config import tiny_nf_config
+from tests.nfnets.training.tiny_config import tiny_nf_config
 
 pid, port, data_dir, workdir, out = sys.argv[1:]
 c = tiny_nf_config(data_dir)

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from nfnets.metrics import SUMMARY_KEYS, read_metrics
-from tests.nfnets.tiny_config import fake_data
+from nfnets.training.outputs import SUMMARY_KEYS, read_metrics
+from tests.nfnets.training.tiny_config import fake_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [

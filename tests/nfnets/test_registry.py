@@ -9,7 +9,7 @@ import pytest
 
 from nfnets import MODEL_NAMES, create_model
 
-# The DESIGN variant table, written out independently of nfnets.nfnet.
+# The NFNet variant table (Brock et al., 2021, Table 7), written out independently of nfnets.nfnet.
 NFNET_TABLE = {
     "f0": ((1, 2, 6, 3), 0.2),
     "f1": ((2, 4, 12, 6), 0.3),

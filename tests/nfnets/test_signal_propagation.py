@@ -14,7 +14,7 @@ TINY = {"depths": DEPTHS, "widths": (32, 64, 64), "stem_width": 16}
 
 
 def expected_variance(depths, alpha):
-    """Block-output variance from the NF recursion, written from DESIGN section 4.
+    """Block-output variance from the NF recursion, written from Brock et al., 2021a, Sec. 3.
 
     expected_std starts at 1, is reset to 1 at each stage's transition block (its
     shortcut sees the re-normalized input), and grows to sqrt(std^2 + alpha^2) after

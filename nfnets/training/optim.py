@@ -17,7 +17,7 @@ then the learning rate. For `optimizer="adamw"` the chain is AGC followed by
 the masked decay `lr * weight_decay * param` is applied after the Adam scaling.
 
 Config fields (see `default_optimizer_config()` for the defaults, which are the NFNet
-ImageNet recipe of DESIGN section 4):
+ImageNet recipe of Brock et al., 2021, Sec. 4 and Appendix C):
 
     optimizer           "sgd" | "adamw"
     learning_rate       base learning rate for `lr_base_batch_size` examples; the peak
@@ -39,24 +39,23 @@ ImageNet recipe of DESIGN section 4):
     agc_eps             AGC floor on the parameter norm (1e-3)
     agc_exclude         fnmatch patterns of parameters AGC leaves alone (default
                         ("head",): the classifier); see `agc_mask`
-    label_smoothing     read by the training loss (`smoothed_cross_entropy`), not here
+    label_smoothing     read by the training loss (`nfnets.training.losses`), not here
 
-Other helpers: `smoothed_cross_entropy` (label smoothing through optax),
-`ema_decay_nfnet` and `update_ema` (parameter EMA of the NFNet recipe).
+AGC and the two masks live in `nfnets.agc` (they belong to the NF method). Other
+helpers: `ema_decay_nfnet` and `update_ema` (parameter EMA of the NFNet recipe).
 """
 
 from __future__ import annotations
 
-import fnmatch
 import functools
-import math
-from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+
+from nfnets.agc import adaptive_grad_clip, agc_mask, check_nonneg, weight_decay_mask
 
 OPTIMIZER_NAMES = ("sgd", "adamw")
 
@@ -89,147 +88,27 @@ def default_optimizer_config() -> ml_collections.ConfigDict:
     return c
 
 
-# --------------------------------------------------------------------------- masks
-
-
-def _path_names(path: Sequence[Any]) -> tuple[str, ...]:
-    """Key path of a pytree leaf as strings: dict keys, attribute names, indices."""
-    names = []
-    for entry in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(entry, attr):
-                names.append(str(getattr(entry, attr)))
-                break
-        else:
-            names.append(str(entry))
-    return tuple(names)
-
-
-def path_matches(names: Sequence[str], patterns: Sequence[str]) -> bool:
-    """True if an fnmatch pattern matches a contiguous run of path components.
-
-    The run is "/"-joined, so a pattern can name one component or several. For the leaf
-    `params/head/kernel`: "head", "head/*", "params/head/kernel" and "*/kernel" match;
-    "hea" does not. For `params/stage0/block0/se/kernel`: "stage*/block0/se/*" matches.
-    """
-    runs = ["/".join(names[i:j]) for i in range(len(names)) for j in range(i + 1, len(names) + 1)]
-    return any(fnmatch.fnmatchcase(run, pat) for pat in patterns for run in runs)
-
-
-def agc_mask(params: PyTree, exclude: Sequence[str] = ("head",)) -> PyTree:
-    """Boolean pytree like `params`: True where AGC applies.
-
-    A parameter is excluded (False) when one of the fnmatch patterns in `exclude`
-    matches one of its path components or a "/"-joined run of them (`path_matches`).
-    The default excludes the classifier, which the model names "head" (DESIGN section 4:
-    never clip the final classifier). Gains, biases and SkipInit scalars are clipped.
-    """
-    if isinstance(exclude, str):
-        raise TypeError(
-            f"exclude must be a sequence of patterns, got the string {exclude!r}; "
-            f"write ({exclude!r},)"
-        )
-    exclude = tuple(exclude)
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: not path_matches(_path_names(path), exclude), params
-    )
-
-
-def weight_decay_mask(params: PyTree, kernel_names: Sequence[str] = ("kernel",)) -> PyTree:
-    """Boolean pytree like `params`: True only for conv and dense kernels.
-
-    A leaf decays when its own name is in `kernel_names` (flax's Conv, Dense and our
-    WSConv2D all call their weight "kernel") and it has at least 2 dimensions. Gains,
-    biases, norm scales, SkipInit scalars and every other vector or scalar get no decay.
-    """
-    kernel_names = tuple(kernel_names)
-
-    def is_kernel(path, x) -> bool:
-        names = _path_names(path)
-        return bool(names) and names[-1] in kernel_names and jnp.ndim(x) >= 2
-
-    return jax.tree_util.tree_map_with_path(is_kernel, params)
-
-
-# --------------------------------------------------------------------------- AGC
-
-
-def agc_unit_axes(shape: Sequence[int]) -> tuple[int, ...] | None:
-    """Axes the AGC unit norm reduces over for a parameter of `shape`.
-
-    DESIGN section 4: a unit is one output slice (the last axis): dense IO kernels reduce
-    over axis 0, HWIO conv kernels over (0, 1, 2), and in general every axis but the last
-    (a 3D WIO conv1d kernel over (0, 1), DHWIO over (0, 1, 2, 3)). Vectors (gains,
-    biases) and scalars (SkipInit gains) are one unit: returns None (the whole array).
-    """
-    ndim = len(shape)
-    return None if ndim <= 1 else tuple(range(ndim - 1))
-
-
-def adaptive_grad_clip(clipping: float, eps: float = 1e-3) -> optax.GradientTransformation:
-    """Unit-wise adaptive gradient clipping (Brock et al., 2021) through optax.
-
-    Per unit i: if `||G_i|| > clipping * max(||W_i||, eps)`, scale `G_i` by
-    `clipping * max(||W_i||, eps) / max(||G_i||, 1e-6)`; unit axes from `agc_unit_axes`.
-
-    The arithmetic is `optax.adaptive_grad_clip`; this wrapper only passes the unit axes
-    per leaf, because optax's default infers them from the rank in two ways that differ
-    from DESIGN: (a) rank-3 kernels are treated as multi-head dense (norm over axis 0
-    only, not a conv1d's (0, 1)), and (b) size-1 axes are squeezed first, so a (1, O)
-    dense kernel or a (1, 1, 1, O) conv kernel is clipped as ONE vector instead of O
-    units. For rank-2 and rank-4 kernels without size-1 fan-in both agree (tested).
-    """
-    _check_nonneg("agc_clip", clipping)
-    _check_nonneg("agc_eps", eps)
-
-    def clip_leaf(g, p):
-        inner = optax.adaptive_grad_clip(clipping, eps=eps, axis=agc_unit_axes(jnp.shape(p)))
-        return inner.update(g, optax.EmptyState(), p)[0]
-
-    def update_fn(updates, state, params=None):
-        if params is None:
-            raise ValueError(
-                "adaptive_grad_clip needs params: call tx.update(grads, state, params)"
-            )
-        return jax.tree.map(clip_leaf, updates, params), state
-
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
-
-
 # --------------------------------------------------------------------------- schedule
-
-
-def _check_nonneg(name: str, value: Any) -> None:
-    if value is None:
-        return
-    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
 
 
 def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
     """Peak rate `learning_rate * batch_size / lr_base_batch_size` (as is if the base is 0)."""
     cfg = _with_defaults(config)
     lr, base, batch = cfg["learning_rate"], cfg["lr_base_batch_size"], cfg["batch_size"]
-    _check_nonneg("learning_rate", lr)
+    check_nonneg("learning_rate", lr)
     if lr == 0:
         raise ValueError("learning_rate must be > 0, got 0")
     if not base:
         return float(lr)
-    _check_nonneg("lr_base_batch_size", base)
+    check_nonneg("lr_base_batch_size", base)
     if not isinstance(batch, int) or isinstance(batch, bool) or batch <= 0:
         raise ValueError(f"batch_size must be a positive integer, got {batch!r}")
     return float(lr) * batch / base
 
 
-def make_lr_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
-    """Linear warmup from 0 to the peak rate, then cosine decay to 0 at the last step.
-
-    With W = round(warmup_epochs * steps_per_epoch) and T = round(num_epochs *
-    steps_per_epoch): lr(t) = peak * t / W for t < W, and
-    lr(t) = peak * 0.5 * (1 + cos(pi * (t - W) / (T - W))) for W <= t <= T (0 after T).
-    """
+def schedule_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> tuple[int, int]:
+    """``(W, T)``: warmup and total steps, ``round(warmup_epochs * steps_per_epoch)`` and
+    ``round(num_epochs * steps_per_epoch)``; errors unless ``0 <= W < T``."""
     cfg = _with_defaults(config)
     if (
         not isinstance(steps_per_epoch, int)
@@ -237,8 +116,8 @@ def make_lr_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) ->
         or steps_per_epoch <= 0
     ):
         raise ValueError(f"steps_per_epoch must be a positive integer, got {steps_per_epoch!r}")
-    _check_nonneg("num_epochs", cfg["num_epochs"])
-    _check_nonneg("warmup_epochs", cfg["warmup_epochs"])
+    check_nonneg("num_epochs", cfg["num_epochs"])
+    check_nonneg("warmup_epochs", cfg["warmup_epochs"])
     total = round(cfg["num_epochs"] * steps_per_epoch)
     warmup = round((cfg["warmup_epochs"] or 0) * steps_per_epoch)
     if total <= 0:
@@ -251,6 +130,17 @@ def make_lr_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) ->
             f"warmup ({warmup} steps = {cfg['warmup_epochs']} epochs) must be "
             f"shorter than training ({total} steps = {cfg['num_epochs']} epochs)"
         )
+    return warmup, total
+
+
+def make_lr_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
+    """Linear warmup from 0 to the peak rate, then cosine decay to 0 at the last step.
+
+    With W, T from `schedule_steps`: lr(t) = peak * t / W for t < W, and
+    lr(t) = peak * 0.5 * (1 + cos(pi * (t - W) / (T - W))) for W <= t <= T (0 after T).
+    """
+    cfg = _with_defaults(config)
+    warmup, total = schedule_steps(cfg, steps_per_epoch)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=peak_learning_rate(cfg),
@@ -281,11 +171,11 @@ def make_optimizer(
     if name not in OPTIMIZER_NAMES:
         raise ValueError(f"unknown optimizer {name!r}; valid names: {', '.join(OPTIMIZER_NAMES)}")
     for key in ("momentum", "weight_decay", "agc_clip", "agc_eps", "adam_eps"):
-        _check_nonneg(key, cfg[key])
+        check_nonneg(key, cfg[key])
     if cfg["momentum"] is not None and cfg["momentum"] >= 1:
         raise ValueError(f"momentum must be in [0, 1), got {cfg['momentum']!r}")
     for key in ("adam_b1", "adam_b2"):
-        _check_nonneg(key, cfg[key])
+        check_nonneg(key, cfg[key])
         if cfg[key] >= 1:
             raise ValueError(f"{key} must be in [0, 1), got {cfg[key]!r}")
     exclude = cfg["agc_exclude"] or ()
@@ -328,39 +218,7 @@ def make_optimizer(
     return optax.chain(*parts), schedule
 
 
-# --------------------------------------------------------------------------- loss and EMA
-
-
-def smoothed_cross_entropy(
-    logits: jax.Array, labels: jax.Array, smoothing: float = 0.0
-) -> jax.Array:
-    """Per-example softmax cross-entropy with label smoothing, shape (N,) in float32.
-
-    `logits` (N, K); `labels` integer class ids (N,) or (soft) targets (N, K), e.g. from
-    MixUp. Targets become `(1 - smoothing) * y + smoothing / K` (`optax.smooth_labels`),
-    loss `-sum_k y_k log_softmax(logits)_k` (`optax.softmax_cross_entropy`).
-    """
-    if not 0.0 <= smoothing < 1.0:
-        raise ValueError(f"smoothing must be in [0, 1), got {smoothing!r}")
-    logits = jnp.asarray(logits, jnp.float32)
-    num_classes = logits.shape[-1]
-    if jnp.shape(labels) == logits.shape[:-1]:
-        if not jnp.issubdtype(jnp.asarray(labels).dtype, jnp.integer):
-            raise ValueError(
-                f"labels of shape {jnp.shape(labels)} must be integer class ids, "
-                f"got dtype {jnp.asarray(labels).dtype}"
-            )
-        targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-    elif jnp.shape(labels) == logits.shape:
-        targets = jnp.asarray(labels, jnp.float32)
-    else:
-        raise ValueError(
-            f"labels shape {jnp.shape(labels)} fits neither class ids "
-            f"{logits.shape[:-1]} nor targets {logits.shape}"
-        )
-    if smoothing:
-        targets = optax.smooth_labels(targets, smoothing)
-    return optax.softmax_cross_entropy(logits, targets)
+# --------------------------------------------------------------------------- parameter EMA
 
 
 def ema_decay_nfnet(step: jax.Array | int) -> jax.Array:

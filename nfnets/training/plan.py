@@ -1,10 +1,11 @@
-"""Config checks and derived values, computed after command-line overrides.
+"""The run's plan: config checks and every value derived from the config, after overrides.
 
 ``validate(config, ...)`` raises ``ConfigError`` with a message naming the bad key,
-its value and the fix; ``derive(config, ...)`` returns a ``Derived`` record of every
-value computed from the config (steps, per-device batch, device groups, EMA decay)
-so nothing derived is ever stored in the config itself (an override of
-``batch_size`` cannot leave a stale per-device batch behind).
+its value and the fix; ``make_plan(config, ...)`` returns a ``Plan`` of every value
+computed from the config (steps, per-device batch, device groups, EMA decay) so
+nothing derived is ever stored in the config itself (an override of
+``batch_size`` cannot leave a stale per-device batch behind). ``unknown_overrides``
+and ``valid_keys`` explain a mistyped ``--config.<key>`` on the command line.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ from collections.abc import Callable, Sequence
 import jax
 import ml_collections
 
-from nfnets.optim import ema_decay_nfnet
+from nfnets.training.optim import ema_decay_nfnet, schedule_steps
+from nfnets.training.pipeline import steps_per_epoch as full_batches_per_epoch
+from norms.linen import STATEFUL_NORM_NAMES
 
 SYNC_MODES = ("none", "all", "groups")
 DTYPES = ("float32", "bfloat16", "float16")
-# Norms keeping batch statistics: the only ones that take axis_name / axis_index_groups.
-STATEFUL_NORMS = ("batch_norm", "batch_renorm", "switchable_norm", "evonorm_b0")
 
 
 class ConfigError(ValueError):
@@ -30,7 +31,7 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class Derived:
+class Plan:
     """Values computed from a config and the run's devices/data (never stored in the config).
 
     Attributes:
@@ -128,51 +129,14 @@ def device_groups(num_devices: int, group_size: int) -> list[list[int]]:
     return [list(range(i, i + group_size)) for i in range(0, num_devices, group_size)]
 
 
-def derive(
-    config: ml_collections.ConfigDict,
-    *,
-    num_train_examples: int,
-    num_devices: int | None = None,
-    local_devices: int | None = None,
-    process_count: int | None = None,
-    axis_name: str = "batch",
-) -> Derived:
-    """Validates ``config`` and computes every derived value (see ``Derived``)."""
-    num_devices = jax.device_count() if num_devices is None else num_devices
-    local_devices = jax.local_device_count() if local_devices is None else local_devices
-    process_count = jax.process_count() if process_count is None else process_count
-    validate(config, num_devices)
-    steps_per_epoch = num_train_examples // config.batch_size
-    if steps_per_epoch < 1:
-        raise _err(
-            "batch_size",
-            config.batch_size,
-            f"the training split has only {num_train_examples} examples; use a batch "
-            f"size <= {num_train_examples}",
-        )
-    if config.num_train_steps > 0:
-        total_steps = int(config.num_train_steps)
-    else:
-        total_steps = max(1, round(config.num_epochs * steps_per_epoch))
-    opt_config = ml_collections.ConfigDict(config.to_dict())
-    opt_config.num_epochs = total_steps / steps_per_epoch
-    if opt_config.warmup_epochs * steps_per_epoch >= total_steps > 1:
-        raise _err(
-            "warmup_epochs",
-            config.warmup_epochs,
-            f"warmup ({round(config.warmup_epochs * steps_per_epoch)} steps) must be "
-            f"shorter than training ({total_steps} steps); lower warmup_epochs",
-        )
-
-    groups = None
-    if config.sync_batch_stats == "groups" and config.sync_group_size < num_devices:
-        groups = device_groups(num_devices, config.sync_group_size)
+def _model_kwargs(config: ml_collections.ConfigDict, groups, axis_name: str) -> dict:
+    """``create_model`` overrides: ``config.model_kwargs`` plus dtype and the sync axis."""
     model_kwargs = config.model_kwargs.to_dict()
     if "dtype" not in model_kwargs and config.dtype != "float32":
         import jax.numpy as jnp
 
         model_kwargs["dtype"] = getattr(jnp, config.dtype)
-    if model_kwargs.get("norm") in STATEFUL_NORMS and config.sync_batch_stats != "none":
+    if model_kwargs.get("norm") in STATEFUL_NORM_NAMES and config.sync_batch_stats != "none":
         norm_kwargs = dict(model_kwargs.get("norm_kwargs") or {})
         norm_kwargs["axis_name"] = axis_name
         if groups is not None:
@@ -182,7 +146,43 @@ def derive(
         if isinstance(value, list) and key in ("widths", "depths"):
             model_kwargs[key] = tuple(value)
 
-    return Derived(
+    return model_kwargs
+
+
+def make_plan(
+    config: ml_collections.ConfigDict,
+    *,
+    num_train_examples: int,
+    num_devices: int | None = None,
+    local_devices: int | None = None,
+    process_count: int | None = None,
+    axis_name: str = "batch",
+) -> Plan:
+    """Validates ``config`` and computes every derived value (see ``Plan``)."""
+    num_devices = jax.device_count() if num_devices is None else num_devices
+    local_devices = jax.local_device_count() if local_devices is None else local_devices
+    process_count = jax.process_count() if process_count is None else process_count
+    validate(config, num_devices)
+    try:
+        steps_per_epoch = full_batches_per_epoch(num_train_examples, config.batch_size)
+    except ValueError as e:
+        raise _err("batch_size", config.batch_size, str(e)) from None
+    if config.num_train_steps > 0:
+        total_steps = int(config.num_train_steps)
+    else:
+        total_steps = max(1, round(config.num_epochs * steps_per_epoch))
+    opt_config = ml_collections.ConfigDict(config.to_dict())
+    opt_config.num_epochs = total_steps / steps_per_epoch
+    try:
+        schedule_steps(opt_config, steps_per_epoch)
+    except ValueError as e:
+        raise _err("warmup_epochs", config.warmup_epochs, f"{e}; lower warmup_epochs") from None
+
+    groups = None
+    if config.sync_batch_stats == "groups" and config.sync_group_size < num_devices:
+        groups = device_groups(num_devices, config.sync_group_size)
+    model_kwargs = _model_kwargs(config, groups, axis_name)
+    return Plan(
         num_devices=num_devices,
         local_devices=local_devices,
         process_count=process_count,

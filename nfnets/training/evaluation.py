@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nfnets.optim import smoothed_cross_entropy
-from nfnets.train_state import accuracy
+from nfnets.training.losses import accuracy, smoothed_cross_entropy
+from norms import apply_recomputed_stats, recompute_batch_stats, sync_batch_stats
 
 PyTree = Any
 
@@ -95,13 +95,11 @@ def make_precise_bn(model: nn.Module, axis_name: str = "batch") -> Callable:
     collects every stateful norm's batch moments (the ``"batch_moments"``
     collection), merges them exactly and count-weighted over batches
     (``norms.recompute_batch_stats``), writes them into the running statistics
-    (``norms.precise_bn.apply_recomputed_stats``) and finally merges them across
+    (``norms.apply_recomputed_stats``) and finally merges them across
     devices (``sync_batch_stats``; a no-op when the norms already synced over
     ``axis_name``). Returns the replicated new ``batch_stats``; parameters and the
     training state are untouched.
     """
-    from norms.batch_norm import sync_batch_stats
-    from norms.precise_bn import apply_recomputed_stats, recompute_batch_stats
 
     def stats_fn(variables, batch, rng):
         rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))

@@ -8,7 +8,8 @@ A checkpoint is a step directory holding two items:
   ``JsonSave``.
 
 Restoring needs a target pytree with the same structure (the freshly initialised
-state); arrays come back as numpy arrays with the target's dtypes.
+state); arrays come back as numpy arrays with the target's dtypes. Which steps get
+a periodic checkpoint is orbax's own ``FixedIntervalPolicy`` (``should_save``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ class Checkpointer:
     Args:
       directory: folder for the step directories (created when missing).
       max_to_keep: how many most recent checkpoints to keep (older ones deleted).
-      save_every_steps: ``maybe_save`` saves only at multiples of this (0: never).
+      save_every_steps: ``should_save`` is True at multiples of this (0: never); the
+        decision is orbax's ``FixedIntervalPolicy``.
     """
 
     def __init__(self, directory: str, *, max_to_keep: int = 3, save_every_steps: int = 0):
@@ -47,9 +49,14 @@ class Checkpointer:
             )
         self.directory = os.path.abspath(directory)
         self.save_every_steps = save_every_steps
+        policy = None
+        if save_every_steps:
+            policy = ocp.checkpoint_managers.FixedIntervalPolicy(save_every_steps)
         self._manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, create=True, save_decision_policy=policy
+            ),
         )
 
     def latest_step(self) -> int | None:
@@ -78,16 +85,9 @@ class Checkpointer:
         )
         self._manager.wait_until_finished()
 
-    def maybe_save(self, step: int, state_fn, meta_fn) -> bool:
-        """Saves at multiples of ``save_every_steps``; ``state_fn()``/``meta_fn()`` give the data.
-
-        The callables are only evaluated when a save happens (syncing batch
-        statistics and copying to host is not free).
-        """
-        if self.save_every_steps and step % self.save_every_steps == 0:
-            self.save(step, state_fn(), meta_fn())
-            return True
-        return False
+    def should_save(self, step: int) -> bool:
+        """True at the multiples of ``save_every_steps`` not saved yet (never when it is 0)."""
+        return bool(self.save_every_steps) and self._manager.should_save(int(step))
 
     def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict]:
         """Restores ``(state, meta)`` at ``step`` (default: latest) into ``target``'s structure."""

@@ -1,4 +1,4 @@
-"""Training outputs: metrics.jsonl, TensorBoard events, a console progress bar,
+"""Training outputs: metrics.jsonl, TensorBoard events, a console progress bar (tqdm),
 summary.json and a PNG of the training curves.
 
 Every record is a flat dict with an integer ``"step"`` and float values; the
@@ -13,7 +13,6 @@ import json
 import math
 import os
 import sys
-import time
 from collections.abc import Iterable
 
 METRICS_FILE = "metrics.jsonl"
@@ -76,59 +75,51 @@ class MetricsWriter:
             self._tb.close()
 
 
-def format_duration(seconds: float) -> str:
-    """``3725 -> '1:02:05'``; ``'?'`` when unknown."""
-    if not math.isfinite(seconds) or seconds < 0:
-        return "?"
-    seconds = int(round(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
 class ProgressBar:
-    """One console line ``[#####.....] step/total loss acc images/s ETA`` redrawn in place.
+    """A ``tqdm`` bar over the training steps with the last logged loss, accuracy, images/s.
 
-    ``update`` is cheap to call every step; it redraws at most every
-    ``min_interval_s`` seconds (and always on the last step).
+    ``step/total [elapsed, ETA remaining, loss .. acc .. img/s]``; the ETA is tqdm's,
+    from the average rate of this run (``smoothing=0``; a resumed run starts at
+    ``initial`` so its rate counts only its own steps). tqdm redraws at most every
+    ``min_interval_s`` seconds, so ``update`` is cheap to call every step.
     """
 
-    def __init__(self, total_steps: int, *, stream=None, width: int = 30, min_interval_s=0.5):
-        self.total = max(int(total_steps), 1)
-        self.stream = stream if stream is not None else sys.stderr
-        self.width = width
-        self.min_interval_s = min_interval_s
-        self._last_draw = -math.inf
+    def __init__(self, total_steps: int, *, initial: int = 0, stream=None, min_interval_s=0.5):
+        from tqdm import tqdm
 
-    def line(self, step: int, info: dict[str, float]) -> str:
-        """The bar at ``step``; ``info`` keys: loss, accuracy, images_per_sec, eta_s."""
-        done = int(self.width * min(step, self.total) / self.total)
-        bar = "#" * done + "." * (self.width - done)
-        parts = [f"[{bar}] {step}/{self.total}"]
+        self._bar = tqdm(
+            total=max(int(total_steps), 1),
+            initial=int(initial),
+            file=stream if stream is not None else sys.stderr,
+            mininterval=min_interval_s,
+            smoothing=0.0,
+            unit="step",
+            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, ETA {remaining}{postfix}]",
+        )
+
+    @staticmethod
+    def fields(info: dict[str, float]) -> str:
+        """``info`` (keys loss, accuracy, images_per_sec; all optional) as the bar's postfix."""
+        parts = []
         if "loss" in info:
             parts.append(f"loss {info['loss']:.4f}")
         if "accuracy" in info:
             parts.append(f"acc {info['accuracy']:.4f}")
         if "images_per_sec" in info:
             parts.append(f"{info['images_per_sec']:.0f} img/s")
-        if "eta_s" in info:
-            parts.append(f"ETA {format_duration(info['eta_s'])}")
-        return " ".join(parts)
+        return ", ".join(parts)
 
     def update(self, step: int, info: dict[str, float]) -> None:
-        now = time.monotonic()
-        if step < self.total and now - self._last_draw < self.min_interval_s:
-            return
-        self._last_draw = now
-        end = "\n" if step >= self.total else ""
-        self.stream.write("\r" + self.line(step, info) + end)
-        self.stream.flush()
+        """Moves the bar to ``step`` and shows ``info``."""
+        self._bar.set_postfix_str(self.fields(info), refresh=False)
+        self._bar.update(step - self._bar.n)
 
     def message(self, text: str) -> None:
         """Prints ``text`` on its own line without breaking the bar."""
-        self.stream.write("\r" + text + "\n")
-        self.stream.flush()
-        self._last_draw = -math.inf
+        self._bar.write(text)
+
+    def close(self) -> None:
+        self._bar.close()
 
 
 def write_summary(workdir: str, summary: dict) -> str:

@@ -1,4 +1,4 @@
-"""Training state and the data-parallel train step (pmap over a named device axis).
+"""Training state, its device placement and the data-parallel train step (pmap).
 
 The step is written for ``jax.pmap(..., axis_name=axis_name)``: every device holds
 a replica of the state and its slice of the global batch. Per step:
@@ -27,13 +27,13 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from nfnets.optim import smoothed_cross_entropy, update_ema
+from nfnets.training.losses import accuracy, smoothed_cross_entropy
+from nfnets.training.optim import update_ema
 
 PyTree = Any
-
-METRIC_SUM_KEYS = ("loss", "accuracy", "steps", "skipped")
 
 
 def zero_metric_sums() -> dict[str, jax.Array]:
@@ -120,11 +120,41 @@ def _select(pred: jax.Array, new: PyTree, old: PyTree) -> PyTree:
     return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
 
 
-def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """(N,) float32 1/0 correctness; soft (N, K) labels are compared by their argmax."""
-    if labels.ndim == logits.ndim:
-        labels = jnp.argmax(labels, axis=-1)
-    return (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+def model_variables(params: PyTree, batch_stats: PyTree) -> dict[str, PyTree]:
+    """``{"params": ..., "batch_stats": ...}`` for ``model.apply``; no "batch_stats" when empty.
+
+    Normalizer-free models have no running statistics; flax rejects an empty
+    collection in ``mutable``, so it is left out.
+    """
+    if not jax.tree.leaves(batch_stats):
+        return {"params": params}
+    return {"params": params, "batch_stats": batch_stats}
+
+
+def _loss_and_stats(model, params, batch_stats, images, labels, rng, label_smoothing):
+    """Mean training loss and ``(logits, new batch_stats)`` of one forward pass."""
+    variables = model_variables(params, batch_stats)
+    rngs = {"dropout": rng}
+    if "batch_stats" in variables:
+        logits, mutated = model.apply(
+            variables, images, train=True, rngs=rngs, mutable=["batch_stats"]
+        )
+        new_stats = mutated["batch_stats"]
+    else:
+        logits, new_stats = model.apply(variables, images, train=True, rngs=rngs), batch_stats
+    loss = jnp.mean(smoothed_cross_entropy(logits, labels, label_smoothing))
+    return loss, (logits, new_stats)
+
+
+def _add_metrics(sums: dict, finite: jax.Array, loss: jax.Array, acc: jax.Array) -> dict:
+    """``metric_sums`` after one step: loss/accuracy only from finite steps, both counts."""
+    ok = finite.astype(jnp.int32)
+    return {
+        "loss": sums["loss"] + jnp.where(finite, loss, 0.0),
+        "accuracy": sums["accuracy"] + finite.astype(jnp.float32) * acc,
+        "steps": sums["steps"] + ok,
+        "skipped": sums["skipped"] + (1 - ok),
+    }
 
 
 def make_train_step(
@@ -134,8 +164,8 @@ def make_train_step(
     label_smoothing: float = 0.0,
     ema_decay_fn: Callable[[jax.Array], jax.Array] | None = None,
     axis_name: str = "batch",
-) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
-    """The per-device step ``(state, batch, rng) -> (state, metrics)`` to wrap in pmap.
+) -> Callable[[TrainState, dict, jax.Array], TrainState]:
+    """The per-device step ``(state, batch, rng) -> state`` to wrap in pmap.
 
     Args:
       model: flax module applied as ``model.apply(vars, images, train=True, rngs=...)``.
@@ -148,34 +178,16 @@ def make_train_step(
     for this device; ``rng`` is the run's base key (the same on every device): the
     step folds in the step number and the device index, so dropout / stochastic
     depth noise depends only on (seed, step, device), which makes resuming exact.
-    The returned metrics are this step's device-averaged loss and accuracy and a
-    0/1 ``finite`` flag.
+    The step's device-averaged loss and accuracy are added to ``metric_sums`` (a
+    skipped step adds to its ``skipped`` count instead).
     """
 
-    def step_fn(state: TrainState, batch: dict, rng: jax.Array):
+    def step_fn(state: TrainState, batch: dict, rng: jax.Array) -> TrainState:
         images, labels = batch["image"], batch["label"]
         rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(axis_name))
-        has_stats = bool(jax.tree.leaves(state.batch_stats))
-
-        def loss_fn(params):
-            variables = {"params": params}
-            if has_stats:
-                variables["batch_stats"] = state.batch_stats
-                logits, mutated = model.apply(
-                    variables,
-                    images,
-                    train=True,
-                    rngs={"dropout": rng},
-                    mutable=["batch_stats"],
-                )
-                new_stats = mutated["batch_stats"]
-            else:
-                logits = model.apply(variables, images, train=True, rngs={"dropout": rng})
-                new_stats = state.batch_stats
-            loss = jnp.mean(smoothed_cross_entropy(logits, labels, label_smoothing))
-            return loss, (logits, new_stats)
-
-        (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, (logits, new_stats)), grads = jax.value_and_grad(_loss_and_stats, 1, has_aux=True)(
+            model, state.params, state.batch_stats, images, labels, rng, label_smoothing
+        )
         grads = jax.lax.pmean(grads, axis_name)
         loss = jax.lax.pmean(loss, axis_name)
         acc = jax.lax.pmean(jnp.mean(accuracy(logits, labels)), axis_name)
@@ -190,25 +202,15 @@ def make_train_step(
         new_ema = state.ema_params
         if ema_decay_fn is not None:
             new_ema = update_ema(state.ema_params, new_params, ema_decay_fn(state.step))
-
-        sums = state.metric_sums
-        fin_f = finite.astype(jnp.float32)
-        new_sums = {
-            "loss": sums["loss"] + jnp.where(finite, loss, 0.0),
-            "accuracy": sums["accuracy"] + fin_f * acc,
-            "steps": sums["steps"] + finite.astype(jnp.int32),
-            "skipped": sums["skipped"] + (1 - finite.astype(jnp.int32)),
-        }
-        new_state = state.replace(
+        return state.replace(
             step=state.step + 1,
             params=_select(finite, new_params, state.params),
             batch_stats=_select(finite, new_stats, state.batch_stats),
             opt_state=_select(finite, new_opt_state, state.opt_state),
             ema_params=_select(finite, new_ema, state.ema_params),
-            metric_sums=new_sums,
+            metric_sums=_add_metrics(state.metric_sums, finite, loss, acc),
             num_skipped=state.num_skipped + (1 - finite.astype(jnp.int32)),
         )
-        return new_state, {"loss": loss, "accuracy": acc, "finite": finite.astype(jnp.int32)}
 
     return step_fn
 
@@ -216,3 +218,24 @@ def make_train_step(
 def make_pmapped_train_step(step_fn, axis_name: str = "batch"):
     """``jax.pmap`` of ``step_fn`` over local devices; state donated, rng broadcast."""
     return jax.pmap(step_fn, axis_name=axis_name, in_axes=(0, 0, None), donate_argnums=(0,))
+
+
+def replicate(tree: PyTree, num_devices: int | None = None) -> PyTree:
+    """Host pytree -> one copy per local device (leading axis = local devices), on device."""
+    n = jax.local_device_count() if num_devices is None else num_devices
+    stacked = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n, *np.shape(x))), tree)
+    return _identity_pmap(stacked)
+
+
+_identity_pmap = jax.pmap(lambda x: x, axis_name="batch")
+
+
+def unreplicate(tree: PyTree) -> PyTree:
+    """The first local device's copy of a replicated pytree, as numpy (multi-host safe)."""
+
+    def first(x):
+        if isinstance(x, jax.Array):
+            return np.asarray(x.addressable_data(0)).reshape(x.shape[1:])
+        return np.asarray(x)[0]
+
+    return jax.tree.map(first, tree)

@@ -1,8 +1,10 @@
 """Image augmentation in pure numpy (PIL only to resize), channels-last (N, H, W, C).
 
-Randomness is never drawn inside these functions: callers pass the random
-parameters (offsets, flips, uniforms, the mixing coefficient), which
-`nfnets.data` derives from `(seed, step)`, so a resumed run repeats them exactly.
+Randomness is never drawn inside the image functions: callers pass the random
+parameters (offsets, flips, uniforms, the mixing coefficient). `augment_batch`
+draws them from a generator that `nfnets.training.pipeline` seeds with
+`(seed, step)`, so a resumed run repeats them exactly. `Augment` is the
+configuration (`augment_from_config` builds it from `config.augment`).
 
 - `crop_flip`: pad-and-random-crop plus horizontal flip for a whole uint8 batch
   in one gather (the fast path for 28x28 / 32x32 data).
@@ -15,9 +17,11 @@ parameters (offsets, flips, uniforms, the mixing coefficient), which
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
+import ml_collections
 import numpy as np
 from PIL import Image
 
@@ -190,3 +194,113 @@ def cutmix(images: np.ndarray, label_probs: np.ndarray, box: tuple[int, int, int
     mixed[:, top:bottom, left:right] = images[::-1, top:bottom, left:right]
     lam = np.float32(1.0 - (bottom - top) * (right - left) / (h * w))
     return mixed, lam * label_probs + (1 - lam) * label_probs[::-1], float(lam)
+
+
+# --------------------------------------------------------------- training batches
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+    """Training augmentation; every field off gives plain normalized images.
+
+    - `crop_padding`: pad-and-random-crop by this many pixels per side (0 = off;
+      4 is the CIFAR convention for 32x32, 2 for 28x28). Fixed-size datasets.
+    - `flip`: random horizontal flip with probability 1/2.
+    - `inception_crop`: random-resized crop (area 8-100%, aspect 3/4-4/3) to the
+      output size, for variable-size (ImageNet) images; otherwise those get the
+      eval center crop.
+    - `mixup_alpha`, `cutmix_alpha`: Beta(alpha, alpha) mixing with the local
+      batch reversed; one lam per batch; both > 0 picks CutMix with probability
+      `switch_prob` per batch. Adds "label_probs" to the batch.
+    """
+
+    crop_padding: int = 0
+    flip: bool = False
+    inception_crop: bool = False
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    switch_prob: float = 0.5
+
+    def __post_init__(self):
+        if self.crop_padding < 0 or self.mixup_alpha < 0 or self.cutmix_alpha < 0:
+            raise ValueError(f"crop_padding and alphas must be >= 0, got {self}.")
+        if not 0 <= self.switch_prob <= 1:
+            raise ValueError(f"switch_prob must lie in [0, 1], got {self.switch_prob}.")
+
+    @property
+    def mixing(self) -> bool:
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+
+
+def augment_from_config(config: ml_collections.ConfigDict) -> Augment:
+    """`Augment` from ``config.augment`` (crop_padding, flip, inception_crop, alphas)."""
+    a = config.augment
+    return Augment(
+        crop_padding=a.crop_padding,
+        flip=a.flip,
+        inception_crop=a.inception_crop,
+        mixup_alpha=a.mixup_alpha,
+        cutmix_alpha=a.cutmix_alpha,
+    )
+
+
+def augment_batch(
+    images,
+    labels,
+    info,
+    rng: np.random.Generator,
+    augment: Augment,
+    rows: slice,
+    global_batch: int,
+    size: int,
+) -> dict[str, np.ndarray]:
+    """One process's normalized, augmented training batch from its uint8 ``images``.
+
+    ``images`` is a uint8 (B, H, W, C) array (fixed-size data) or a list of
+    (h_i, w_i, C) arrays (cropped and resized to ``size``); ``labels`` int32 (B,);
+    ``info`` the dataset's `DatasetInfo` (mean, std, classes). Every random
+    parameter is drawn from ``rng`` for the whole global batch of ``global_batch``
+    rows and then sliced to this process's ``rows``, so the batch depends only on
+    the generator's seed, not on the process count.
+    """
+    local = len(labels)
+    sl = rows
+    # Random parameters for the whole global batch, then this process's rows.
+    flips = (rng.random(global_batch) < 0.5)[sl] if augment.flip else np.zeros(local, bool)
+    if isinstance(images, np.ndarray):
+        p = augment.crop_padding
+        if p or augment.flip:
+            oy, ox = rng.integers(0, 2 * p + 1, (2, global_batch))[:, sl]
+            images = crop_flip(images, oy, ox, flips, padding=p)
+    else:
+        uniforms = rng.random((global_batch, 10, 4))[sl]
+        boxes = [
+            inception_crop_box(*im.shape[:2], u)
+            if augment.inception_crop
+            else center_crop_box(*im.shape[:2], size)
+            for im, u in zip(images, uniforms, strict=True)
+        ]
+        images = np.stack([crop_resize(im, b, size) for im, b in zip(images, boxes, strict=True)])
+        if augment.flip:
+            images = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
+    batch = {"image": normalize(images, info.mean, info.std), "label": labels}
+    if augment.mixing:
+        batch["image"], batch["label_probs"] = _mix(
+            batch["image"], labels, info.num_classes, rng, augment
+        )
+    return batch
+
+
+def _mix(images, labels, num_classes, rng, augment: Augment):
+    probs = one_hot(labels, num_classes)
+    use_cutmix = augment.cutmix_alpha > 0 and (
+        augment.mixup_alpha <= 0 or rng.random() < augment.switch_prob
+    )
+    if use_cutmix:
+        lam = rng.beta(augment.cutmix_alpha, augment.cutmix_alpha)
+        u_y, u_x = rng.random(2)
+        box = cutmix_box(*images.shape[1:3], lam, u_y, u_x)
+        images, probs, _ = cutmix(images, probs, box)
+        return images, probs
+    lam = rng.beta(augment.mixup_alpha, augment.mixup_alpha)
+    return mixup(images, probs, lam)

@@ -8,21 +8,22 @@ import jax
 import numpy as np
 import pytest
 
-from nfnets import data as data_lib
-from nfnets.evaluation import evaluate, make_pmapped_eval_step
 from nfnets.registry import create_model
-from nfnets.training import replicate
-from tests.nfnets.tiny_config import N_TEST, fake_data
+from nfnets.training.augment import normalize
+from nfnets.training.datasets import load_dataset
+from nfnets.training.evaluation import evaluate, make_pmapped_eval_step, make_precise_bn
+from nfnets.training.pipeline import eval_iterator, shard_for_pmap
+from nfnets.training.step import replicate
+from tests.nfnets.training.tiny_config import N_TEST
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    directory = fake_data(tmp_path_factory.mktemp("fmnist"))
-    test = data_lib.load_dataset("fashion_mnist", split="test", data_dir=directory)
+def setup(data_dir):
+    test = load_dataset("fashion_mnist", split="test", data_dir=data_dir)
     model = create_model(
         "nf_resnet26_small", num_classes=10, widths=(8, 16), depths=(1, 1), stem_width=8
     )
-    images = data_lib.aug.normalize(test.images, test.info.mean, test.info.std)
+    images = normalize(test.images, test.info.mean, test.info.std)
     variables = jax.jit(lambda k: model.init({"params": k}, images[:1], train=False))(
         jax.random.key(1)
     )
@@ -36,8 +37,8 @@ def setup(tmp_path_factory):
 
 
 def _batches(test, batch_size, ndev):
-    it = data_lib.eval_iterator(test, global_batch_size=batch_size)
-    return [data_lib.shard_for_pmap(b, ndev) for b in it]
+    it = eval_iterator(test, global_batch_size=batch_size)
+    return [shard_for_pmap(b, ndev) for b in it]
 
 
 @pytest.mark.parametrize("batch_size", [24, 64])  # neither divides the 40 examples
@@ -83,7 +84,6 @@ def test_precise_bn_equals_population_statistics(axis_name):
     """
     import flax.linen as nn
 
-    from nfnets.evaluation import make_precise_bn
     from norms.linen import BatchNorm
 
     class Tiny(nn.Module):

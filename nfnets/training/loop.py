@@ -1,0 +1,310 @@
+"""The training loop: config -> data, model, optimizer -> pmap steps -> periodic actions.
+
+``train(config, workdir)`` runs (or resumes) one experiment and returns the summary
+dict it also writes to ``workdir/summary.json``. Outputs in ``workdir``:
+``checkpoints/`` (orbax), ``metrics.jsonl``, ``tensorboard/``, ``summary.json``,
+``training_curves.png``, ``config.json``.
+
+Data parallelism: ``jax.pmap`` over this process's devices with axis ``"batch"``;
+with several processes (``jax.distributed``) the axis spans every device of every
+process and each process feeds its own slice of the global batch. Exact resume:
+the state (including the metric sums since the last log) is checkpointed, the data
+iterator restarts at the checkpoint's step, and per-step randomness is
+``fold_in(seed key, step, device)``, so a resumed run continues exactly as an
+uninterrupted one. After each step the loop runs the named actions of
+:mod:`nfnets.training.actions` (log, progress, evaluate, checkpoint, stop).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+
+from nfnets.registry import create_model
+from nfnets.training import actions as actions_lib
+from nfnets.training import outputs
+from nfnets.training.augment import augment_from_config
+from nfnets.training.checkpoints import Checkpointer
+from nfnets.training.datasets import load_dataset
+from nfnets.training.evaluation import evaluate, make_pmapped_eval_step, make_precise_bn
+from nfnets.training.optim import make_optimizer
+from nfnets.training.pipeline import eval_iterator, prefetch, shard_for_pmap, train_iterator
+from nfnets.training.plan import ConfigError, make_plan
+from nfnets.training.step import (
+    TrainState,
+    create_train_state,
+    make_pmapped_train_step,
+    make_train_step,
+    model_variables,
+    replicate,
+    unreplicate,
+)
+from norms import sync_batch_stats
+
+AXIS = "batch"
+PyTree = Any
+
+
+def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> bool:
+    """Calls ``jax.distributed.initialize`` when the config or the environment asks for it.
+
+    Asked for by ``config.distributed.initialize`` or the environment variable
+    ``JAX_COORDINATOR_ADDRESS``. Empty / negative config values are left to JAX's
+    auto-detection (SLURM, TPU pods, ...). On CPU, ``cpu_collectives`` ("gloo")
+    lets the processes run collectives with each other. Returns True if it
+    initialized (or the runtime already was).
+    """
+    dist = config.distributed
+    if not (dist.initialize or os.environ.get("JAX_COORDINATOR_ADDRESS")):
+        return False
+    if jax.distributed.is_initialized():
+        return True
+    if dist.cpu_collectives:
+        jax.config.update("jax_cpu_collectives_implementation", dist.cpu_collectives)
+    kwargs = {}
+    if dist.coordinator_address:
+        kwargs["coordinator_address"] = dist.coordinator_address
+    if dist.num_processes > 0:
+        kwargs["num_processes"] = dist.num_processes
+    if dist.process_id >= 0:
+        kwargs["process_id"] = dist.process_id
+    jax.distributed.initialize(**kwargs)
+    return True
+
+
+def load_data(config: ml_collections.ConfigDict):
+    """(train, test) datasets; a missing dataset raises with the command that prepares it."""
+    data_dir = config.data_dir or None
+    train_ds = load_dataset(config.dataset, split="train", data_dir=data_dir)
+    test_ds = load_dataset(config.dataset, split="test", data_dir=data_dir)
+    return train_ds, test_ds
+
+
+class Trainer:
+    """The data, model, compiled steps and evaluations of one run; ``run`` drives it."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        self.config = config
+        self.workdir = workdir
+        self.is_writer = jax.process_index() == 0
+        self.train_ds, self.test_ds = load_data(config)
+        self.info = self.train_ds.info
+        self.plan = make_plan(config, num_train_examples=len(self.train_ds), axis_name=AXIS)
+        p = self.plan
+        self.model = create_model(config.model, num_classes=self.info.num_classes, **p.model_kwargs)
+        self.tx, self.schedule = make_optimizer(p.optimizer_config, p.steps_per_epoch)
+        self.init_rng, self.step_rng = jax.random.split(jax.random.key(config.seed))
+        size = config.image_size or self.info.image_shape[0]
+        self.image_shape = (size, size, self.info.image_shape[2])
+        step = make_train_step(
+            self.model,
+            self.tx,
+            label_smoothing=config.label_smoothing,
+            ema_decay_fn=p.ema_decay_fn,
+            axis_name=AXIS,
+        )
+        self.train_step = make_pmapped_train_step(step, AXIS)
+        self.eval_step = make_pmapped_eval_step(self.model, AXIS)
+        self._sync = jax.pmap(lambda bs: sync_batch_stats(bs, AXIS), axis_name=AXIS)
+
+    def init_state(self) -> TrainState:
+        return create_train_state(
+            self.model,
+            self.tx,
+            self.init_rng,
+            self.image_shape,
+            use_ema=self.plan.ema_decay_fn is not None,
+        )
+
+    def sync_stats(self, p_state: TrainState) -> TrainState:
+        """Running statistics merged across all devices (see norms.sync_batch_stats)."""
+        if not jax.tree.leaves(p_state.batch_stats):
+            return p_state
+        return p_state.replace(batch_stats=self._sync(p_state.batch_stats))
+
+    def eval_batches(self):
+        return (
+            shard_for_pmap(b, self.plan.local_devices)
+            for b in eval_iterator(
+                self.test_ds,
+                global_batch_size=self.config.eval_batch_size,
+                process_index=jax.process_index(),
+                process_count=jax.process_count(),
+                image_size=self.config.eval_image_size or None,
+            )
+        )
+
+    def train_batches(self, start_step: int, num_steps: int | None = None):
+        p = self.plan
+        it = train_iterator(
+            self.train_ds,
+            global_batch_size=self.config.batch_size,
+            seed=self.config.seed,
+            start_step=start_step,
+            num_steps=p.total_steps if num_steps is None else num_steps,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            augment=augment_from_config(self.config),
+            image_size=self.config.image_size or None,
+        )
+        return prefetch((shard_for_pmap(b, p.local_devices) for b in it), buffer_size=2)
+
+    def evaluate(self, variables: PyTree) -> dict[str, float]:
+        return evaluate(
+            self.eval_step, variables, self.eval_batches(), expected_count=len(self.test_ds)
+        )
+
+    def eval_all(self, p_state: TrainState, precise_stats: PyTree | None = None) -> dict:
+        """Evaluations side by side: running stats, PreciseBN stats, EMA params."""
+        r = self.evaluate(model_variables(p_state.params, p_state.batch_stats))
+        out = {"test_loss": r["loss"], "test_accuracy": r["accuracy"], "test_count": r["count"]}
+        if precise_stats is not None:
+            r = self.evaluate(model_variables(p_state.params, precise_stats))
+            out["test_loss_precise_bn"] = r["loss"]
+            out["test_accuracy_precise_bn"] = r["accuracy"]
+        if p_state.ema_params is not None:
+            r = self.evaluate(model_variables(p_state.ema_params, p_state.batch_stats))
+            out["test_loss_ema"] = r["loss"]
+            out["test_accuracy_ema"] = r["accuracy"]
+        return out
+
+    def precise_bn(self, p_state: TrainState) -> PyTree | None:
+        """PreciseBN statistics from ``config.precise_bn_batches`` training batches, or None."""
+        n = self.config.precise_bn_batches
+        if not n or not jax.tree.leaves(p_state.batch_stats):
+            return None
+        # Fresh training batches (the epoch after the last one), augmented as in training.
+        total = self.plan.total_steps
+        batches = self.train_batches(total, num_steps=total + n)
+        variables = model_variables(p_state.params, p_state.batch_stats)
+        rng = jax.random.fold_in(self.step_rng, 2**31 - 1)
+        return make_precise_bn(self.model, AXIS)(variables, batches, n, rng)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> dict:
+    """Trains (or resumes) the experiment ``config`` in ``workdir``; returns the summary.
+
+    A stop signal (SIGTERM/SIGINT) saves a checkpoint and returns early with
+    ``{"interrupted": True, "steps": ...}`` (no summary.json): rerun the same command
+    to resume. ``kwargs`` go to ``run``.
+    """
+    return run(config, workdir, **kwargs)[0]
+
+
+def _open_outputs(trainer: Trainer, start_step: int, ckpt: Checkpointer):
+    """``(writer, bar)`` on the writing process (config.json written, metrics truncated)."""
+    config, workdir = trainer.config, trainer.workdir
+    if not trainer.is_writer:
+        return None, None
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2) + "\n")
+    outputs.truncate_metrics(workdir, start_step)
+    writer = outputs.MetricsWriter(workdir, tensorboard=config.tensorboard)
+    bar = None
+    if config.progress_bar:
+        bar = outputs.ProgressBar(trainer.plan.total_steps, initial=start_step)
+    if start_step:
+        actions_lib.say(bar, f"resuming from step {start_step} ({ckpt.directory})")
+    return writer, bar
+
+
+def run(
+    config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | None = None
+) -> tuple[dict, TrainState]:
+    """``train`` that also returns the final host training state (first local replica).
+
+    ``stop_at_step`` behaves like a stop signal arriving during that step
+    (checkpoint, then return ``{"interrupted": True, ...}``): for tests of
+    resuming and for simulating preemption.
+    """
+    maybe_initialize_distributed(config)
+    os.makedirs(workdir, exist_ok=True)
+    trainer = Trainer(config, workdir)
+    ckpt = Checkpointer(
+        os.path.join(os.path.abspath(workdir), "checkpoints"),
+        max_to_keep=config.keep_checkpoints,
+        save_every_steps=config.checkpoint_every_steps,
+    )
+    state, prior_time = trainer.init_state(), 0.0
+    if ckpt.latest_step() is not None:
+        state, meta = ckpt.restore(state)
+        prior_time = float(meta.get("train_time_s", 0.0))
+    start_step = int(state.step)
+    writer, bar = _open_outputs(trainer, start_step, ckpt)
+    run_state = actions_lib.RunState(
+        p_state=replicate(state, trainer.plan.local_devices),
+        step=start_step,
+        start_step=start_step,
+        prior_time=prior_time,
+        t0=time.perf_counter(),
+    )
+    del state
+    stop = actions_lib.StopOnSignal(trainer, ckpt, bar, stop_at_step)
+    periodic = [
+        actions_lib.LogMetrics(trainer, writer, bar, run_state),
+        *([actions_lib.ShowProgress(bar)] if bar else []),
+        actions_lib.PeriodicEvaluation(trainer, writer),
+        actions_lib.PeriodicCheckpoint(trainer, ckpt),
+        stop,
+    ]
+    with stop:
+        for batch in trainer.train_batches(start_step):
+            run_state.p_state = trainer.train_step(run_state.p_state, batch, trainer.step_rng)
+            run_state.step += 1
+            for action in periodic:
+                action(run_state)
+            if run_state.interrupted:
+                break
+    loop_time = actions_lib.wait(run_state)
+    if run_state.interrupted:
+        ckpt.close()
+        if bar:
+            bar.close()
+        if writer:
+            writer.close()
+        return {"interrupted": True, "steps": run_state.step}, unreplicate(run_state.p_state)
+    return _finish(trainer, ckpt, run_state, loop_time, writer, bar)
+
+
+def _finish(trainer: Trainer, ckpt, run_state, loop_time: float, writer, bar):
+    """Final checkpoint, PreciseBN, evaluation, summary.json and plots; returns the summary."""
+    config, plan, step = trainer.config, trainer.plan, run_state.step
+    train_time = run_state.prior_time + loop_time
+    p_state = trainer.sync_stats(run_state.p_state)
+    final_state = unreplicate(p_state)
+    ckpt.save(step, final_state, actions_lib.checkpoint_meta(config, train_time))
+    ckpt.close()
+    results = trainer.eval_all(p_state, trainer.precise_bn(p_state))
+    summary = {
+        **results,
+        "steps": step,
+        "skipped_steps": int(final_state.num_skipped),
+        "wall_time_s": train_time,
+        "images_per_sec": (step - run_state.start_step) * config.batch_size / max(loop_time, 1e-9),
+        "epochs": step / plan.steps_per_epoch,
+        "num_devices": plan.num_devices,
+        "num_processes": plan.process_count,
+        "model": config.model,
+        "dataset": config.dataset,
+        "batch_size": config.batch_size,
+    }
+    if bar:
+        bar.close()
+    if writer:
+        writer.write(step, {k: v for k, v in results.items() if k != "test_count"})
+        writer.close()
+        outputs.write_summary(trainer.workdir, summary)
+        curves = os.path.join(trainer.workdir, outputs.CURVES_FILE)
+        outputs.plot_curves(outputs.read_metrics(trainer.workdir), curves)
+        line = ", ".join(
+            f"{k} {summary[k]:.4f}" for k in sorted(results) if k.startswith("test_accuracy")
+        )
+        print(f"done: {line}; {step} steps in {train_time:.1f} s", flush=True)
+    return summary, final_state
+
+
+__all__ = ["ConfigError", "Trainer", "maybe_initialize_distributed", "run", "train"]
