@@ -87,10 +87,11 @@ class ProgressBar:
     def __init__(self, total_steps: int, *, initial: int = 0, stream=None, min_interval_s=0.5):
         from tqdm import tqdm
 
+        self._stream = stream if stream is not None else sys.stderr
         self._bar = tqdm(
             total=max(int(total_steps), 1),
             initial=int(initial),
-            file=stream if stream is not None else sys.stderr,
+            file=self._stream,
             mininterval=min_interval_s,
             smoothing=0.0,
             unit="step",
@@ -116,7 +117,7 @@ class ProgressBar:
 
     def message(self, text: str) -> None:
         """Prints ``text`` on its own line without breaking the bar."""
-        self._bar.write(text)
+        self._bar.write(text, file=self._stream)
 
     def close(self) -> None:
         self._bar.close()
