@@ -46,12 +46,13 @@ Axes = int | Sequence[int]
 SYNC_STRATEGIES = ("auto", "gather", "psum")
 # Strategy of every cross-device merge that is not given one explicitly.
 SYNC_STRATEGY = "auto"
-# Largest device group "auto" merges with one all_gather. Measured on 8 and 16
-# virtual CPU devices (benchmarks/collectives_bench.py, docs/benchmarks.md): at 8
-# the gather is up to ~15% faster for narrow layers (one collective instead of two
-# in a row) and within ~10% for C = 2048; at 16 it is ~2x slower for C = 2048.
-# Its traffic, 3 x C x (N - 1) numbers per device against the psum merge's
-# ~6 x C, grows with N, so above 8 devices the constant-size merge is used.
+# Largest device group "auto" merges with one all_gather. Measured on virtual CPU
+# devices (benchmarks/collectives_bench.py, docs/benchmarks.md): on 8 the gather
+# takes 0.83-0.93x the psum merge's time for C <= 256 (one collective instead of
+# two in a row) and 1.07-1.12x for C = 1024-2048; on 16 it is already 1.2-1.8x
+# slower for C >= 1024. Its traffic, 3 x C x (N - 1) numbers per device against
+# the psum merge's ~6 x C, grows with N (12 MB per 2048-channel layer at N = 512),
+# so above 8 devices the constant-size merge is used.
 GATHER_MAX_GROUP = 8
 
 
