@@ -48,10 +48,10 @@ SYNC_STRATEGIES = ("auto", "gather", "psum")
 SYNC_STRATEGY = "auto"
 # Largest device group "auto" merges with one all_gather. Measured on virtual CPU
 # devices (benchmarks/collectives_bench.py, docs/benchmarks.md): on 8 the gather
-# takes 0.83-0.93x the psum merge's time for C <= 256 (one collective instead of
-# two in a row) and 1.07-1.12x for C = 1024-2048; on 16 it is already 1.2-1.8x
-# slower for C >= 1024. Its traffic, 3 x C x (N - 1) numbers per device against
-# the psum merge's ~6 x C, grows with N (12 MB per 2048-channel layer at N = 512),
+# takes 0.83-0.98x the psum merge's time for C <= 256 (one collective instead of
+# two in a row) and 0.93-1.14x for C = 1024-2048; on 16 it is 1.6-2.0x slower for
+# C = 2048 in every run. Its traffic, 3 x C x (N - 1) numbers per device against
+# the psum merge's ~6 x C, grows with N (12 MiB per 2048-channel layer at N = 512),
 # so above 8 devices the constant-size merge is used.
 GATHER_MAX_GROUP = 8
 
