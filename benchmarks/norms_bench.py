@@ -1,16 +1,25 @@
-"""Speed of our batch_norm / group_norm against flax.linen's, and SyncBN collective counts.
+"""Speed of our norms against flax.linen's, and SyncBN collective counts.
 
-Run: ``python -m benchmarks.norms_bench`` (or ``make bench``). Prints a markdown table.
+Run: ``python -m benchmarks.norms_bench`` (or ``make bench``). Prints markdown tables.
 
 1. Forward + backward on an NHWC float32 batch, default (64, 32, 32, 128): the
    jitted gradient of ``sum(norm(x)^2)`` with respect to ``x``, ``scale`` and
-   ``bias``, for ``norms.batch_norm`` (train mode) vs ``flax.linen.BatchNorm``
-   (``use_fast_variance=False``, its numerically stable two-pass variance) and
-   ``norms.group_norm`` vs ``flax.linen.GroupNorm`` (32 groups). Every function is
-   compiled and warmed up first; then the four are timed in interleaved rounds
-   (so background load hits them alike) and the median per function is reported
-   with the ratio ours / flax.
-2. Collectives in one SyncBN layer (train-mode forward, and forward + backward)
+   ``bias``, for ``norms.batch_norm`` (train mode), ``group_norm`` (32 groups),
+   ``layer_norm``, ``instance_norm``, ``filter_response_norm`` (with TLU) and
+   ``evonorm_s0`` (32 groups), against ``flax.linen.BatchNorm``, ``GroupNorm``,
+   ``LayerNorm`` (over H, W, C) and ``InstanceNorm`` where flax has the norm, all
+   with ``use_fast_variance=False`` (flax's two-pass variance: the same numerics
+   as ours). Every function is compiled and warmed up first; then all are timed
+   in interleaved rounds (so background load hits them alike) and the median per
+   function is reported, with the ratios ours / flax and ours / our batch_norm.
+2. A roofline-style count of bytes moved: XLA's ``bytes accessed`` estimate of
+   each compiled program, in passes over ``x`` (one pass = one read or one write
+   of an array of ``x``'s size), and a measured time per pass (timed in the same
+   rounds: a per-channel sum, one read, gives the pass time; ``x * a + b``, a
+   read and a write into a fresh array, is shown too). A norm's floor is 5
+   passes: two reads for the stable two-pass statistics, one read for the
+   backward pass's two sums, one read and one write for ``dx``.
+3. Collectives in one SyncBN layer (train-mode forward, and forward + backward)
    under ``jax.pmap`` over 8 devices: occurrences of ``stablehlo.all_gather`` /
    ``all_reduce`` / ``reduce_scatter`` / ``all_to_all`` in the lowered module. If
    fewer than 8 devices are visible, that part runs in a subprocess with
@@ -42,8 +51,19 @@ def _ours_bn(x, scale, bias, state):
     return norms.batch_norm(x, state, scale, bias, train=True)[0]
 
 
-def _ours_gn(x, scale, bias, state):
-    return norms.group_norm(x, scale, bias, num_groups=32)
+def _ours(fn, **kwargs):
+    def apply(x, scale, bias, state):
+        return fn(x, scale, bias, **kwargs)
+
+    return apply
+
+
+def _frn(x, scale, bias, state):
+    return norms.filter_response_norm(x, scale, bias, jnp.zeros_like(bias))
+
+
+def _evonorm_s0(x, scale, bias, state):
+    return norms.evonorm_s0(x, scale, bias, jnp.ones_like(scale), num_groups=32)
 
 
 def _flax(module):
@@ -55,6 +75,39 @@ def _flax(module):
         return module.apply(variables, x, mutable=["batch_stats"])[0]
 
     return apply
+
+
+def norm_pairs(channels: int) -> list[tuple[str, object, str | None, object]]:
+    """``(ours name, ours fn, flax name or None, flax fn or None)`` for every norm timed."""
+    stable = {"epsilon": 1e-5, "use_fast_variance": False}
+    return [
+        (
+            "batch_norm",
+            _ours_bn,
+            "BatchNorm",
+            _flax(nn.BatchNorm(use_running_average=False, momentum=0.9, **stable)),
+        ),
+        (
+            "group_norm",
+            _ours(norms.group_norm, num_groups=32),
+            "GroupNorm",
+            _flax(nn.GroupNorm(num_groups=32, **stable)),
+        ),
+        (
+            "layer_norm",
+            _ours(norms.layer_norm),
+            "LayerNorm",
+            _flax(nn.LayerNorm(reduction_axes=(1, 2, 3), feature_axes=-1, **stable)),
+        ),
+        (
+            "instance_norm",
+            _ours(norms.instance_norm),
+            "InstanceNorm",
+            _flax(nn.InstanceNorm(feature_axes=-1, **stable)),
+        ),
+        ("filter_response_norm", _frn, None, None),
+        ("evonorm_s0", _evonorm_s0, None, None),
+    ]
 
 
 def fwd_bwd(norm_fn, state):
@@ -80,24 +133,38 @@ def time_interleaved(fns: dict, args, *, rounds: int, warmup: int = 2) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def compiled_bytes(fn, args) -> float:
+    """XLA's ``bytes accessed`` estimate of the compiled ``fn(*args)``."""
+    cost = fn.lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost.get("bytes accessed", float("nan")))
+
+
 def speed(shape=(64, 32, 32, 128), rounds: int = 15) -> dict:
+    """Median seconds and compiled bytes per function, keyed by name (flax ones: 'flax X')."""
     c = shape[-1]
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(1.0, 2.0, shape), jnp.float32)
     scale = jnp.asarray(rng.normal(1.0, 0.1, c), jnp.float32)
     bias = jnp.zeros(c, jnp.float32)
     state = norms.init_batch_norm_state(c)
-    flax_bn = nn.BatchNorm(
-        use_running_average=False, momentum=0.9, epsilon=1e-5, use_fast_variance=False
-    )
-    flax_gn = nn.GroupNorm(num_groups=32, epsilon=1e-5)
-    fns = {
-        "batch_norm": fwd_bwd(_ours_bn, state),
-        "flax BatchNorm": fwd_bwd(_flax(flax_bn), state),
-        "group_norm": fwd_bwd(_ours_gn, None),
-        "flax GroupNorm": fwd_bwd(_flax(flax_gn), None),
+    fns = {}
+    for ours, ours_fn, theirs, theirs_fn in norm_pairs(c):
+        st = state if ours == "batch_norm" else None
+        fns[ours] = fwd_bwd(ours_fn, st)
+        if theirs is not None:
+            fns[f"flax {theirs}"] = fwd_bwd(theirs_fn, st)
+    # Pass probes: a per-channel sum reads x once; x * a + b reads it and writes a
+    # fresh array (whose first touch of new pages also costs time).
+    fns[READ] = jax.jit(lambda x, scale, bias: jnp.sum(x, axis=(0, 1, 2)))
+    fns[READ_WRITE] = jax.jit(lambda x, scale, bias: x * scale + bias)
+    args = (x, scale, bias)
+    times = time_interleaved(fns, args, rounds=rounds)
+    return {
+        "times": times,
+        "bytes": {name: compiled_bytes(fn, args) for name, fn in fns.items()},
+        "x_bytes": x.size * x.dtype.itemsize,
     }
-    return time_interleaved(fns, (x, scale, bias), rounds=rounds)
 
 
 def count_collectives_here(devices: int = 8, c: int = 16) -> dict:
@@ -152,37 +219,61 @@ def count_collectives(devices: int = 8) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else ``platform.processor()``."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> str:
     devs = jax.devices()
     kinds = sorted({d.device_kind for d in devs})
-    cpu = platform.processor() or platform.machine()
     return (
         f"jax {jax.__version__}, backend {jax.default_backend()}, {len(devs)} device(s) "
-        f"({', '.join(kinds)}), {os.cpu_count()} CPU cores, {cpu}, "
-        f"Python {platform.python_version()}"
+        f"({', '.join(kinds)}), {os.cpu_count()} CPU cores ({cpu_model()}, "
+        f"{platform.machine()}), Python {platform.python_version()}"
     )
 
 
-def table(times: dict, shape, collectives: dict) -> str:
-    ms = {k: v * 1e3 for k, v in times.items()}
+FLOOR_PASSES = 5
+READ = "sum over N, H, W"
+READ_WRITE = "x * a + b"
+
+
+def table(res: dict, shape, collectives: dict) -> str:
+    ms = {k: v * 1e3 for k, v in res["times"].items()}
+    passes = {k: v / res["x_bytes"] for k, v in res["bytes"].items()}
+    per_pass = ms[READ] / passes[READ]
+    bn = ms["batch_norm"]
     lines = [
         f"Machine: {machine()}",
         "",
         f"Forward + backward (grad of sum(y^2) wrt x, scale, bias), float32 {shape}, median:",
         "",
-        "| norm | ours (ms) | flax (ms) | ours / flax |",
-        "|---|---:|---:|---:|",
+        "| norm | ours (ms) | flax (ms) | ours / flax | ours / our batch_norm "
+        "| XLA passes over x | ms at measured pass time |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for ours, theirs in (("batch_norm", "flax BatchNorm"), ("group_norm", "flax GroupNorm")):
+    for ours, _, theirs, _ in norm_pairs(shape[-1]):
+        flax_ms = ms.get(f"flax {theirs}")
+        cells = ("", "") if flax_ms is None else (f"{flax_ms:.2f}", f"{ms[ours] / flax_ms:.2f}")
         lines.append(
-            f"| {ours} vs {theirs} | {ms[ours]:.2f} | {ms[theirs]:.2f} | "
-            f"{ms[ours] / ms[theirs]:.2f} |"
+            f"| {ours} | {ms[ours]:.2f} | {cells[0]} | {cells[1]} | {ms[ours] / bn:.2f} | "
+            f"{passes[ours]:.1f} | {passes[ours] * per_pass:.1f} |"
         )
-    lines.append(
-        f"| flax GroupNorm / flax BatchNorm | | | "
-        f"{ms['flax GroupNorm'] / ms['flax BatchNorm']:.2f} |"
-    )
     lines += [
+        "",
+        f"Memory floor: one pass over x ({res['x_bytes'] / 2**20:.0f} MiB) takes "
+        f"{per_pass:.2f} ms ({READ}: {ms[READ]:.2f} ms for {passes[READ]:.1f} passes; "
+        f"{READ_WRITE}: {ms[READ_WRITE]:.2f} ms for {passes[READ_WRITE]:.1f} passes); "
+        f"a norm's fwd+bwd needs at least {FLOOR_PASSES} passes = "
+        f"{FLOOR_PASSES * per_pass:.1f} ms.",
         "",
         "Collectives in one SyncBN layer under pmap over 8 devices (train mode):",
         "",
@@ -201,8 +292,8 @@ def main(argv=None) -> str:
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args(argv)
     shape = tuple(int(s) for s in args.shape.split(","))
-    times = speed(shape, rounds=args.rounds)
-    out = table(times, shape, count_collectives())
+    res = speed(shape, rounds=args.rounds)
+    out = table(res, shape, count_collectives())
     print(out)
     return out
 

@@ -16,7 +16,7 @@ from norms.batch_renorm import (
 from norms.evo_norm import evonorm_b0, evonorm_s0
 from norms.filter_response_norm import filter_response_norm
 from norms.group_norm import group_norm, instance_norm, layer_norm
-from norms.moments import merge_moments, moments
+from norms.moments import default_sync_strategy, merge_moments, moments
 from norms.precise_bn import apply_recomputed_stats, recompute_batch_stats
 from norms.running_stats import (
     BatchNormState,
@@ -46,6 +46,7 @@ __all__ = [
     "group_norm",
     "instance_norm",
     "layer_norm",
+    "default_sync_strategy",
     "merge_moments",
     "moments",
     "scaled_weight_standardize",

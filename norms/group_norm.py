@@ -14,8 +14,9 @@ affine map ``y = x * a + b`` with ``a = scale * rsqrt(var + eps)`` and
 ``b = bias - mean * a``, which equals ``(x - mean) * rsqrt(var + eps) * scale + bias``.
 Derivatives come from the closed-form JVP of :mod:`norms.standardize` (shared with
 batch norm; forward and reverse mode, any order), whose transpose is the textbook
-backward pass: two reductions and one elementwise pass over ``x`` (about 0.6x the
-time of flax's GroupNorm fwd+bwd on CPU; benchmarks/norms_bench.py).
+backward pass: two reductions and one elementwise pass over ``x`` (about 0.5x the
+time of flax's GroupNorm fwd+bwd with its two-pass variance, and 0.85-1.05x our
+batch norm's, on CPU; benchmarks/norms_bench.py, docs/benchmarks.md).
 """
 
 from __future__ import annotations

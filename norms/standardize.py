@@ -34,7 +34,12 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from norms.moments import local_moments, merge_across_devices, merge_moments
+from norms.moments import (
+    local_moments,
+    merge_across_devices,
+    merge_moments,
+    resolve_sync_strategy,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +53,9 @@ class Population:
        norm on NHWC, ``(N, 1, 1, C)`` for group norm.
     2. ``num_groups``: if set, the LAST axis (channels) is merged in that many
        contiguous groups -> last axis ``G`` (group norm); otherwise unchanged.
-    3. ``axis_name``/``axis_index_groups``: merged across devices (one collective
-       per call in the forward pass, one in the backward pass).
+    3. ``axis_name``/``axis_index_groups``: merged across devices (one ``all_gather``
+       or two constant-size ``psum``s in the forward pass, by ``sync_strategy``;
+       one ``psum`` in the backward pass).
 
     The result is the *statistics* layout, broadcastable against ``x`` after
     :meth:`expand`. Hashable (a static argument of :func:`standardize`).
@@ -68,17 +74,33 @@ class Population:
     axis_name: str | tuple[str, ...] | None = None
     axis_index_groups: tuple[tuple[int, ...], ...] | None = None
     centered: bool = True
+    sync_strategy: str | None = None
 
     @staticmethod
     def of(
-        axes, num_groups=None, axis_name=None, axis_index_groups=None, centered=True
+        axes,
+        num_groups=None,
+        axis_name=None,
+        axis_index_groups=None,
+        centered=True,
+        sync_strategy=None,
     ) -> Population:
-        """Builds a population, turning list arguments into (hashable) tuples."""
+        """Builds a population, turning list arguments into (hashable) tuples.
+
+        With ``axis_name`` (bound: call it under the axis) the merge strategy is
+        resolved here to ``"gather"`` or ``"psum"`` (None: ``norms.moments``'s
+        ``SYNC_STRATEGY``), so it is part of the static argument: JAX's trace
+        caches then never reuse a merge traced under another strategy.
+        """
         if isinstance(axis_name, list):
             axis_name = tuple(axis_name)
         if axis_index_groups is not None:
             axis_index_groups = tuple(tuple(int(i) for i in g) for g in axis_index_groups)
-        return Population(tuple(axes), num_groups, axis_name, axis_index_groups, centered)
+        if axis_name is not None:
+            sync_strategy = resolve_sync_strategy(sync_strategy, axis_name, axis_index_groups)
+        return Population(
+            tuple(axes), num_groups, axis_name, axis_index_groups, centered, sync_strategy
+        )
 
     def _grouped(self, t: jax.Array) -> jax.Array:
         c = t.shape[-1]
@@ -90,7 +112,9 @@ class Population:
             count, mean, m2 = merge_moments(
                 *(self._grouped(t) for t in jnp.broadcast_arrays(count, mean, m2)), axis=-1
             )
-        return merge_across_devices(count, mean, m2, self.axis_name, self.axis_index_groups)
+        return merge_across_devices(
+            count, mean, m2, self.axis_name, self.axis_index_groups, self.sync_strategy
+        )
 
     def total(self, sums: jax.Array) -> jax.Array:
         """Partial-layout sums (any leading stack axes) -> sums over whole populations."""

@@ -1,15 +1,21 @@
-"""SyncBN on 8 virtual devices equals one-device batch norm on the concatenated batch."""
+"""SyncBN on 8 virtual devices equals one-device batch norm on the concatenated batch.
+
+Both cross-device merges of norms.moments ("gather": one all_gather, "psum": two
+constant-size all-reduces) are forced in turn with norms.default_sync_strategy.
+"""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from norms import batch_norm, init_batch_norm_state
+from norms import batch_norm, default_sync_strategy, init_batch_norm_state
 from tests.norms.test_batch_norm import rand, ref_bn_train, ref_running
 
 D, B, C = 8, 3, 4
+STRATEGIES = ("gather", "psum")
 
 
 def make_data(seed=0):
@@ -78,7 +84,8 @@ def check_against_reference(y, st, gx, gs, gb, data):
     np.testing.assert_allclose(rst.var, rv, rtol=1e-5)
 
 
-def test_pmap_uneven_masks_match_one_big_batch_outputs_and_gradients():
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_pmap_uneven_masks_match_one_big_batch_outputs_and_gradients(strategy):
     data = make_data(0)
     x, mask, cot, scale, bias = data
     state = init_batch_norm_state(C)
@@ -87,10 +94,13 @@ def test_pmap_uneven_masks_match_one_big_batch_outputs_and_gradients():
         axis_name="d",
         in_axes=(0, 0, 0, None, None),
     )
-    check_against_reference(*f(x, mask, cot, scale, bias), data)
+    with default_sync_strategy(strategy):
+        out = f(x, mask, cot, scale, bias)
+    check_against_reference(*out, data)
 
 
-def test_shard_map_uneven_masks_match_one_big_batch_outputs_and_gradients():
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_shard_map_uneven_masks_match_one_big_batch_outputs_and_gradients(strategy):
     data = make_data(1)
     x, mask, cot, scale, bias = data
     state = init_batch_norm_state(C)
@@ -111,20 +121,26 @@ def test_shard_map_uneven_masks_match_one_big_batch_outputs_and_gradients():
     )
     flat = [jax.device_put(t, NamedSharding(mesh, P("d"))) for t in flat]
     rep = [jax.device_put(t, NamedSharding(mesh, P())) for t in (scale, bias)]
-    check_against_reference(*f(*flat, *rep), data)
+    with default_sync_strategy(strategy):
+        out = f(*flat, *rep)
+    check_against_reference(*out, data)
 
 
-def test_vmap_axis_name_matches_one_big_batch():
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_vmap_axis_name_matches_one_big_batch(strategy):
     data = make_data(2)
     x, mask, cot, scale, bias = data
     state = init_batch_norm_state(C)
     f = jax.jit(
         jax.vmap(lambda x, m, c: per_device_step(x, m, c, scale, bias, state, "v"), axis_name="v")
     )
-    check_against_reference(*f(x, mask, cot), data)
+    with default_sync_strategy(strategy):
+        out = f(x, mask, cot)
+    check_against_reference(*out, data)
 
 
-def test_axis_index_groups_give_per_group_batch_norm():
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_axis_index_groups_give_per_group_batch_norm(strategy):
     x, mask, _, _, _ = make_data(3)
     groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
     state = init_batch_norm_state(C)
@@ -134,7 +150,8 @@ def test_axis_index_groups_give_per_group_batch_norm():
         ),
         axis_name="d",
     )
-    y, st = f(x, mask)
+    with default_sync_strategy(strategy):
+        y, st = f(x, mask)
     for k, g in enumerate(groups):
         ry, stats = ref_bn_train(x[g].reshape(-1, 2, C), mask=mask[g].reshape(-1, 1, 1))
         np.testing.assert_allclose(np.asarray(y)[g].reshape(ry.shape), ry, rtol=1e-4, atol=1e-4)
@@ -146,12 +163,38 @@ def test_sync_layer_emits_one_collective_in_the_forward_pass():
     state = init_batch_norm_state(C)
     f = jax.pmap(lambda x: batch_norm(x, state, train=True, axis_name="d"), axis_name="d")
     hlo = f.lower(jnp.ones((D, B, 2, C))).as_text()
-    ops = [
+    assert collectives(hlo) == ["all_gather"]  # "auto" on 8 devices
+
+
+def collectives(hlo: str) -> list[str]:
+    return [
         op
         for op in ("all_gather", "all_reduce", "reduce_scatter", "all_to_all")
         for _ in range(hlo.count(f'stablehlo.{op}"'))
     ]
-    assert ops == ["all_gather"]
+
+
+@pytest.mark.parametrize(
+    "strategy, fwd, fwd_bwd",
+    [
+        ("gather", ["all_gather"], ["all_gather", "all_reduce"]),
+        ("psum", ["all_reduce"] * 2, ["all_reduce"] * 3),
+    ],
+)
+def test_each_strategy_emits_its_collectives_forward_and_backward(strategy, fwd, fwd_bwd):
+    """The backward pass adds one psum of (sum(ct), sum((x - mean) * ct)) either way."""
+    state = init_batch_norm_state(C)
+
+    def layer(x):
+        return batch_norm(x, state, train=True, axis_name="d")[0]
+
+    x = jnp.ones((D, B, 2, C))
+    with default_sync_strategy(strategy):
+        f_hlo = jax.pmap(layer, axis_name="d").lower(x).as_text()
+        g = jax.grad(lambda x: jnp.sum(layer(x) ** 2))
+        g_hlo = jax.pmap(g, axis_name="d").lower(x).as_text()
+    assert collectives(f_hlo) == fwd
+    assert collectives(g_hlo) == fwd_bwd
 
 
 def test_ghost_batches_with_axis_name_pool_the_same_run_across_devices():
