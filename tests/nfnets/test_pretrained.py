@@ -31,6 +31,7 @@ from nfnets.pretrained import (
     load_deepmind,
     load_timm,
     merge_pretrained,
+    safe_load,
     save,
     timm_table,
 )
@@ -255,6 +256,20 @@ def test_deepmind_refuses_malicious_global_without_running_it(tmp_path, tiny, pa
     with pytest.raises(UnsafePickleError, match=rf"refused global {name}"):
         load_deepmind(path, NFNet(**TINY))
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "data, refused",
+    [
+        (b"c_codecs\nencode\n(Vabc\nVrot13\ntR.", "encoding 'rot13'"),  # only latin1
+        (b"(ios\nsystem\nVtrue\nb.", "refused global os.system"),  # protocol-0 INST
+        (b"\x80\x02X\x01\x00\x00\x00xQ.", "persistent id"),  # BINPERSID
+        (b"cbuiltins\ngetattr\n.", "refused global builtins.getattr"),
+    ],
+)
+def test_safe_load_refuses_codecs_inst_and_persistent_ids(data, refused):
+    with pytest.raises(UnsafePickleError, match=refused):
+        safe_load(data)
 
 
 def test_deepmind_refuses_object_arrays_and_real_npz(tmp_path):
