@@ -13,6 +13,7 @@ from norms.batch_renorm import (
     paper_d_max,
     paper_r_max,
 )
+from norms.compare_stats import compare_batch_stats
 from norms.evo_norm import evonorm_b0, evonorm_s0
 from norms.filter_response_norm import filter_response_norm
 from norms.group_norm import group_norm, instance_norm, layer_norm
@@ -39,6 +40,7 @@ __all__ = [
     "paper_d_max",
     "paper_r_max",
     "apply_recomputed_stats",
+    "compare_batch_stats",
     "recompute_batch_stats",
     "evonorm_b0",
     "evonorm_s0",
