@@ -6,8 +6,21 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 DEVICES := XLA_FLAGS=--xla_force_host_platform_device_count=8
+TESTS ?= tests
+# test-latest: a second venv on Python >= 3.12 with the newest releases of every
+# dependency. The first interpreter found that runs (a pyenv shim for a version
+# not selected exists but fails, so each candidate is tried), or PY_LATEST=...
+VENV_LATEST := .venv-latest
+PYENV_VERSIONS := $(or $(PYENV_ROOT),$(HOME)/.pyenv)/versions
+ifndef PY_LATEST
+PY_LATEST := $(shell for p in python3.12 python3.13 \
+  $(wildcard $(PYENV_VERSIONS)/3.12*/bin/python3.12) \
+  $(wildcard $(PYENV_VERSIONS)/3.13*/bin/python3.13); do \
+  $$p -c 'import sys; assert sys.version_info >= (3, 12)' >/dev/null 2>&1 \
+  && { command -v $$p; break; }; done)
+endif
 
-.PHONY: setup data train test bench lint format clean
+.PHONY: setup setup-latest data train test test-latest bench lint format clean
 
 setup: $(STAMP)
 
@@ -31,6 +44,21 @@ train: $(STAMP) data
 test: $(STAMP)
 	$(DEVICES) $(BIN)/python -m pytest -q -n 2 tests
 
+# Re-resolves on every run (pip install -U), so it tracks the newest releases
+# that pyproject.toml admits.
+setup-latest:
+	@test -n "$(PY_LATEST)" || { echo "setup-latest: no Python >= 3.12 found; set PY_LATEST=/path/to/python3.12"; exit 1; }
+	test -x $(VENV_LATEST)/bin/python || $(PY_LATEST) -m venv $(VENV_LATEST)
+	$(VENV_LATEST)/bin/pip install -q --upgrade pip
+	$(VENV_LATEST)/bin/pip install -q -U -e '.[dev]'
+	$(VENV_LATEST)/bin/python -c "import sys, jax, flax, optax, orbax.checkpoint as o; print('test-latest: Python', sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'orbax-checkpoint', o.__version__)"
+
+test-latest:
+	@if [ -z "$(PY_LATEST)" ]; then \
+	  echo "test-latest: SKIPPED, no Python >= 3.12 found (python3.12/python3.13 on PATH or under pyenv); set PY_LATEST=/path/to/python3.12"; \
+	else $(MAKE) --no-print-directory setup-latest && \
+	  $(DEVICES) $(VENV_LATEST)/bin/python -m pytest -q -n 2 $(TESTS); fi
+
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
 
@@ -43,4 +71,4 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(VENV_LATEST) runs .pytest_cache

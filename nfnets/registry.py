@@ -16,6 +16,15 @@ Overrides are the model's fields (e.g. ``widths``, ``depths``, ``stem_width``,
 ``alpha``, ``se_ratio``, ``stochastic_depth``, ``dropout``, ``activation``,
 ``dtype``; ResNets: ``norm``, ``norm_kwargs``, ``ws_conv``); anything else is
 rejected with the list of valid keys.
+
+Flax NNX: ``create_model(name, ..., api="nnx", rngs=nnx.Rngs(params=0, dropout=1),
+input_shape=(1, 32, 32, 3))`` wraps the same linen model in
+``flax.nnx.bridge.ToNNX`` and initialises it on zeros of ``input_shape``. Its
+``nnx.Param``/``nnx.BatchStat`` trees are the linen ``params``/``batch_stats``
+trees (same paths, same shapes). Call it as ``model(images, train=False)`` or,
+training, ``model(images, train=True, mutable=["batch_stats"])`` (the update is
+written back into the module); dropout keys come from the ``dropout`` stream of
+``rngs``.
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ from typing import Any
 
 import flax
 import flax.linen as nn
+import jax.numpy as jnp
+from flax import nnx
 
 from nfnets.activations import PUBLISHED_GAMMAS
 from nfnets.nf_resnet import NF_RESNET_DEPTHS, NFResNet, check_nf_resnet_config
@@ -106,8 +117,22 @@ def _normalize(key: str, value: Any) -> Any:
     return value
 
 
-def create_model(name: str, num_classes: int = 1000, **overrides: Any) -> nn.Module:
+APIS = ("linen", "nnx")
+
+
+def create_model(
+    name: str,
+    num_classes: int = 1000,
+    *,
+    api: str = "linen",
+    rngs: nnx.Rngs | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    **overrides: Any,
+) -> nn.Module | nnx.Module:
     """Builds model ``name`` with ``num_classes`` outputs and field ``overrides``.
+
+    ``api="nnx"`` (needs ``rngs`` and an ``(N, H, W, C)`` ``input_shape``) returns
+    the linen model wrapped by ``flax.nnx.bridge.ToNNX`` (see the module docstring).
 
     Raises ValueError for an unknown name (listing the valid names), an unknown
     override (listing the valid keys), an unknown norm or activation name, and
@@ -115,6 +140,8 @@ def create_model(name: str, num_classes: int = 1000, **overrides: Any) -> nn.Mod
     checked when the model is traced (the error gives the minimum size).
     """
     spec = _spec(name)
+    if api not in APIS:
+        raise ValueError(f"api must be one of {APIS}, got {api!r}")
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     valid = override_keys(name)
@@ -141,4 +168,15 @@ def create_model(name: str, num_classes: int = 1000, **overrides: Any) -> nn.Mod
         )
     model = spec.cls(num_classes=num_classes, **fields)
     spec.check(model)
-    return model
+    return model if api == "linen" else _to_nnx(model, rngs, input_shape)
+
+
+def _to_nnx(model: nn.Module, rngs: Any, input_shape: Any) -> nnx.Module:
+    if not isinstance(rngs, nnx.Rngs):
+        raise ValueError(f"api='nnx' needs rngs=nnx.Rngs(params=..., dropout=...), got {rngs!r}")
+    if input_shape is None or len(input_shape) != 4:
+        raise ValueError(
+            f"api='nnx' needs input_shape=(N, H, W, C) to initialise on, got {input_shape!r}"
+        )
+    wrapped = nnx.bridge.ToNNX(model, rngs=rngs)
+    return wrapped.lazy_init(jnp.zeros(input_shape, jnp.float32), train=False)

@@ -2,7 +2,8 @@
 
 Every function takes arrays and returns arrays; stateful norms take and return a
 small state pytree and never mutate. Flax modules over these live in
-``norms.linen`` (the only place flax is imported).
+``norms.linen`` and ``norms.nnx`` (Flax NNX), the only places flax is imported;
+``norms.registry`` holds the norm names both accept.
 """
 
 from norms.batch_norm import batch_norm

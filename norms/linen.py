@@ -41,6 +41,7 @@ from norms.batch_renorm import BatchRenormState, batch_renorm
 from norms.evo_norm import evonorm_b0, evonorm_s0
 from norms.filter_response_norm import filter_response_norm
 from norms.group_norm import group_norm, instance_norm, layer_norm
+from norms.registry import NORM_CLASSES, NORM_NAMES, resolve
 from norms.running_stats import BatchNormState, init_batch_norm_state
 from norms.switchable_norm import switchable_norm
 
@@ -324,23 +325,9 @@ class Identity(nn.Module):
         return x
 
 
-_MODULES: dict[str, type[nn.Module]] = {
-    "batch_norm": BatchNorm,
-    "batch_renorm": BatchRenorm,
-    "group_norm": GroupNorm,
-    "layer_norm": LayerNorm,
-    "instance_norm": InstanceNorm,
-    "frn": FilterResponseNorm,
-    "switchable_norm": SwitchableNorm,
-    "evonorm_b0": EvoNormB0,
-    "evonorm_s0": EvoNormS0,
-    "none": Identity,
-}
-
-NORM_NAMES: tuple[str, ...] = tuple(_MODULES)
 # The norms keeping running statistics in "batch_stats"; the only ones taking axis_name.
 STATEFUL_NORM_NAMES: tuple[str, ...] = tuple(
-    n for n, cls in _MODULES.items() if issubclass(cls, _Stateful)
+    n for n, cls_name in NORM_CLASSES.items() if issubclass(globals()[cls_name], _Stateful)
 )
 
 
@@ -355,18 +342,10 @@ def make(name: str, /, **kwargs) -> nn.Module:
     ``name`` is positional-only, so ``kwargs`` can carry the submodule's own
     ``name=``; the other ``kwargs`` are module fields (``momentum``, ``eps``,
     ``axis_name``, ...). Call it inside a parent's ``@nn.compact``.
-    Unknown names or fields raise ValueError listing the valid ones.
+    Unknown names or fields raise ValueError listing the valid ones (the names
+    are those of :mod:`norms.registry`, shared with :mod:`norms.nnx`).
     """
-    if name not in _MODULES:
-        raise ValueError(f"unknown norm {name!r}; choose one of {', '.join(NORM_NAMES)}")
-    cls = _MODULES[name]
-    valid = module_fields(cls)
-    unknown = sorted(set(kwargs) - set(valid))
-    if unknown:
-        raise ValueError(
-            f"norm {name!r} ({cls.__name__}) has no field(s) {unknown}; valid fields: "
-            f"{', '.join(valid)}"
-        )
+    cls = resolve(name, globals(), module_fields, kwargs)
     return cls(**kwargs)
 
 

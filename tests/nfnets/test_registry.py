@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from nfnets import MODEL_NAMES, create_model
 
@@ -171,3 +172,51 @@ def test_overrides_reach_the_model():
     assert model.num_classes == 10 and dict(model.norm_kwargs) == {"axis_name": "batch"}
     assert hash(model) == hash(create_model("resnet50_v1", num_classes=10, norm="batch_norm",
                                             norm_kwargs={"axis_name": "batch"}))  # fmt: skip
+
+
+NNX_TINY = {
+    "resnet18_v1_small": dict(widths=(8,), depths=(1,), stem_width=8),
+    "nf_resnet26_small": dict(widths=(16,), depths=(1,), stem_width=8, stochastic_depth=0.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NNX_TINY))
+def test_nnx_api_has_the_linen_params_and_equal_outputs_and_grads(name):
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8, 8, 3)), jnp.float32)
+    linen = create_model(name, num_classes=3, **NNX_TINY[name])
+    variables = linen.init({"params": jax.random.key(0)}, x, train=False)
+    params, stats = variables["params"], variables.get("batch_stats", {})
+    model = create_model(
+        name, 3, api="nnx", rngs=nnx.Rngs(params=1), input_shape=x.shape, **NNX_TINY[name]
+    )
+    for kind, tree in ((nnx.Param, params), (nnx.BatchStat, stats)):
+        state = nnx.state(model, kind)
+        ours = nnx.to_pure_dict(state)
+        assert jax.tree.structure(ours) == jax.tree.structure(jax.tree.map(np.asarray, tree))
+        assert jax.tree.map(jnp.shape, ours) == jax.tree.map(jnp.shape, tree)
+        nnx.replace_by_pure_dict(state, tree)  # load the linen weights into the NNX module
+        nnx.update(model, state)
+    y, upd = linen.apply(variables, x, train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(model(x, train=True, mutable=["batch_stats"]), y, rtol=1e-5)
+    new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+    jax.tree.map(np.testing.assert_allclose, new_stats, dict(upd.get("batch_stats", {})))
+    trained = {"params": params, **upd}
+    y_eval = linen.apply(trained, x, train=False)
+    np.testing.assert_allclose(model(x, train=False), y_eval, rtol=1e-5)
+    g = nnx.grad(lambda m: jnp.sum(m(x, train=False) ** 2))(model)
+    ref = jax.grad(lambda p: jnp.sum(linen.apply({**trained, "params": p}, x, train=False) ** 2))
+    g_ref = jax.tree.map(np.asarray, ref(params))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+        nnx.to_pure_dict(g),
+        g_ref,
+    )
+
+
+def test_nnx_api_errors_name_the_fix():
+    with pytest.raises(ValueError, match="api must be one of"):
+        create_model("nf_resnet26_small", api="torch")
+    with pytest.raises(ValueError, match="rngs=nnx.Rngs"):
+        create_model("nf_resnet26_small", api="nnx", input_shape=(1, 32, 32, 3))
+    with pytest.raises(ValueError, match=r"input_shape=\(N, H, W, C\)"):
+        create_model("nf_resnet26_small", api="nnx", rngs=nnx.Rngs(0))
