@@ -181,3 +181,20 @@ def test_in_memory_data_through_grain_matches_numpy():
         list(grain_pipeline.grain_train_iterator(ds, num_threads=2, **kw)),
         list(pipeline.train_iterator(ds, **kw)),
     )
+
+
+def test_the_training_loop_feeds_the_same_batches_through_grain(data_dir):
+    """`Trainer.train_batches` (the loop's iterator) with input_pipeline grain vs numpy."""
+    from nfnets.training.loop import Trainer
+    from tests.nfnets.training.tiny_config import tiny_nf_config
+
+    streams = []
+    for choice in ("numpy", "grain"):
+        config = tiny_nf_config(data_dir)
+        config.augment.crop_padding, config.augment.flip = 2, True
+        config.input_pipeline, config.data_workers = choice, 0
+        trainer = Trainer(config, workdir="")
+        streams.append(list(trainer.train_batches(start_step=2, num_steps=6)))
+    assert_batches_equal(*streams)
+    devices = trainer.plan.local_devices
+    assert streams[0][0]["image"].shape[:2] == (devices, 16 // devices)
