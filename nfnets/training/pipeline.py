@@ -15,7 +15,8 @@ as `(x / 255 - mean) / std` with the per-dataset mean/std in
 also ``"label_probs"`` float32 (N, num_classes) whose rows sum to 1 (train on
 it; "label" is then the unmixed label of each example's own image, for accuracy
 only); eval batches add ``"mask"`` bool (N,), True for real examples, False for
-padding.
+padding. `train_batch` builds one step's batch; `nfnets.training.grain_pipeline`
+runs it in grain worker processes for ImageNet-sized data.
 """
 
 from __future__ import annotations
