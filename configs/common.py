@@ -8,6 +8,11 @@ Keys (all read by ``nfnets.training.train``; the optimizer keys by
   data lives ("" = the default place: /usr/share/datasets/fashion-mnist for
   Fashion-MNIST IDX files, ~/tensorflow_datasets for TFDS datasets).
 - ``image_size`` / ``eval_image_size``: 0 keeps the native size.
+- ``input_pipeline``: "auto" (grain worker processes for splits read record by
+  record, i.e. TFDS ImageNet; in-process numpy for splits held in memory),
+  "numpy" or "grain"; ``data_workers``: grain worker processes (-1 = one per CPU
+  core, at most 16; 0 = in this process). Same batches either way
+  (nfnets/training/grain_pipeline.py).
 - ``augment``: random crop (``crop_padding`` pixels, 0 = off), horizontal ``flip``,
   ``inception_crop`` (random-resized crop, ImageNet),
   ``mixup_alpha`` / ``cutmix_alpha`` (0 = off).
@@ -58,6 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data_dir = ""
     c.image_size = 0
     c.eval_image_size = 0
+    c.input_pipeline = "auto"
+    c.data_workers = -1
     c.augment = ml_collections.ConfigDict(
         {
             "crop_padding": 0,

@@ -136,9 +136,9 @@ class SourceDataset:
     """A TFDS random-access source (array_record) decoded per example with PIL.
 
     `read` returns uint8 images, stacked (B, H, W, C) when `info.fixed_size`, else a
-    list of (h_i, w_i, C) arrays, and int32 labels (B,). Slow on CPU (one JPEG
-    decode + resize per example in Python): fine for evaluation and small runs,
-    not a fast ImageNet input pipeline.
+    list of (h_i, w_i, C) arrays, and int32 labels (B,). One JPEG decode per
+    example in the calling process: training spreads this over grain worker
+    processes (`nfnets.training.grain_pipeline`); evaluation reads it in-process.
     """
 
     source: Any

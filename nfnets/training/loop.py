@@ -27,12 +27,12 @@ import ml_collections
 from nfnets.registry import create_model
 from nfnets.training import actions as actions_lib
 from nfnets.training import outputs
-from nfnets.training.augment import augment_from_config
 from nfnets.training.checkpoints import Checkpointer
 from nfnets.training.datasets import load_dataset
 from nfnets.training.evaluation import evaluate, make_pmapped_eval_step, make_precise_bn
+from nfnets.training.grain_pipeline import make_train_iterator
 from nfnets.training.optim import make_optimizer
-from nfnets.training.pipeline import eval_iterator, prefetch, shard_for_pmap, train_iterator
+from nfnets.training.pipeline import eval_iterator, prefetch, shard_for_pmap
 from nfnets.training.plan import ConfigError, make_plan
 from nfnets.training.step import (
     TrainState,
@@ -140,16 +140,13 @@ class Trainer:
 
     def train_batches(self, start_step: int, num_steps: int | None = None):
         p = self.plan
-        it = train_iterator(
+        it = make_train_iterator(
             self.train_ds,
-            global_batch_size=self.config.batch_size,
-            seed=self.config.seed,
+            self.config,
             start_step=start_step,
             num_steps=p.total_steps if num_steps is None else num_steps,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
-            augment=augment_from_config(self.config),
-            image_size=self.config.image_size or None,
         )
         return prefetch((shard_for_pmap(b, p.local_devices) for b in it), buffer_size=2)
 

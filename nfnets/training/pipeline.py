@@ -15,7 +15,8 @@ as `(x / 255 - mean) / std` with the per-dataset mean/std in
 also ``"label_probs"`` float32 (N, num_classes) whose rows sum to 1 (train on
 it; "label" is then the unmixed label of each example's own image, for accuracy
 only); eval batches add ``"mask"`` bool (N,), True for real examples, False for
-padding.
+padding. `train_batch` builds one step's batch; `nfnets.training.grain_pipeline`
+runs it in grain worker processes for ImageNet-sized data.
 """
 
 from __future__ import annotations
@@ -108,31 +109,88 @@ def train_iterator(
     `image_size` sets the output resolution of variable-size datasets (default
     `info.image_shape[0]`).
     """
-    local = _check_batching(global_batch_size, process_index, process_count)
-    if not isinstance(seed, int | np.integer) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}.")
+    check_train_args(dataset, global_batch_size, seed, process_index, process_count, image_size)
     if start_step < 0:
         raise ValueError(f"start_step must be >= 0, got {start_step}.")
-    n = len(dataset)
-    per_epoch = steps_per_epoch(n, global_batch_size)
-    augment = augment or Augment()
-    size = _output_shape(dataset, image_size)[0]
-    lo = process_index * local
+    per_epoch = steps_per_epoch(len(dataset), global_batch_size)
     epoch, order = -1, None
     step = start_step
     while num_steps is None or step < num_steps:
         if step // per_epoch != epoch:
             epoch = step // per_epoch
-            order = epoch_permutation(n, seed, epoch)
-        offset = (step % per_epoch) * global_batch_size
-        indices = order[offset + lo : offset + lo + local]
-        rng = np.random.default_rng([seed, _AUGMENT, step])
-        images, labels = dataset.read(indices)
-        rows = slice(lo, lo + local)
-        yield augment_batch(
-            images, labels, dataset.info, rng, augment, rows, global_batch_size, size
+            order = epoch_permutation(len(dataset), seed, epoch)
+        yield train_batch(
+            dataset,
+            step,
+            global_batch_size=global_batch_size,
+            seed=seed,
+            process_index=process_index,
+            process_count=process_count,
+            augment=augment,
+            image_size=image_size,
+            order=order,
         )
         step += 1
+
+
+def check_train_args(
+    dataset: Dataset,
+    global_batch_size: int,
+    seed: int,
+    process_index: int,
+    process_count: int,
+    image_size: int | None,
+) -> int:
+    """Validate training-batch arguments (ValueError naming the fix); returns the local batch."""
+    local = _check_batching(global_batch_size, process_index, process_count)
+    if not isinstance(seed, int | np.integer) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}.")
+    steps_per_epoch(len(dataset), global_batch_size)
+    _output_shape(dataset, image_size)
+    return local
+
+
+def train_batch(
+    dataset: Dataset,
+    step: int,
+    *,
+    global_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    augment: Augment | None = None,
+    image_size: int | None = None,
+    order: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """This process's part of global training batch `step`: what `train_iterator` yields there.
+
+    A pure function of its arguments (the iterator's only state is the step), so
+    any worker can build any step. `order` is `epoch_permutation(N, seed, epoch)`
+    of the step's epoch when the caller has it (computed here otherwise).
+    """
+    local = check_train_args(
+        dataset, global_batch_size, seed, process_index, process_count, image_size
+    )
+    n = len(dataset)
+    per_epoch = steps_per_epoch(n, global_batch_size)
+    if order is None:
+        order = epoch_permutation(n, seed, step // per_epoch)
+    lo = process_index * local
+    offset = (step % per_epoch) * global_batch_size
+    indices = order[offset + lo : offset + lo + local]
+    rng = np.random.default_rng([seed, _AUGMENT, step])
+    images, labels = dataset.read(indices)
+    size = _output_shape(dataset, image_size)[0]
+    return augment_batch(
+        images,
+        labels,
+        dataset.info,
+        rng,
+        augment or Augment(),
+        slice(lo, lo + local),
+        global_batch_size,
+        size,
+    )
 
 
 def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
