@@ -44,12 +44,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from norms.batch_norm import BatchNormState, batch_norm, init_batch_norm_state
+from norms.batch_norm import batch_norm
 from norms.batch_renorm import BatchRenormState, batch_renorm, init_batch_renorm_state
 from norms.evo_norm import evonorm_b0, evonorm_s0
 from norms.filter_response_norm import filter_response_norm
 from norms.group_norm import group_norm, instance_norm, layer_norm
 from norms.registry import NORM_NAMES, resolve
+from norms.running_stats import BatchNormState, init_batch_norm_state
 from norms.switchable_norm import switchable_norm
 
 Initializer = Callable[..., jax.Array]
