@@ -273,8 +273,8 @@ def batch_norm(
     still flow to ``x``, ``scale`` and ``bias``.
 
     Args:
-      x: input, any float dtype. Statistics and the running state are float32
-        (wider for float64 inputs); ``y`` has ``x``'s dtype.
+      x: input, any real dtype. Statistics are float32 (wider for float64
+        inputs); ``y`` has ``x``'s dtype, float32 for integer inputs.
       state: :class:`BatchNormState` with (C,) mean/var.
       scale, bias: optional (C,) affine parameters.
       train: required; never inferred.

@@ -109,7 +109,8 @@ def batch_renorm(
     """Batch renormalization of ``x`` of shape (N, ..., C) (channel axis ``axis``).
 
     Args:
-      x: input, any float dtype; statistics float32, output in ``x``'s dtype.
+      x: input, any real dtype; statistics float32, output in ``x``'s dtype
+        (float32 for integer inputs).
       state: :class:`BatchRenormState`.
       scale, bias: optional (C,) affine parameters.
       train: required; eval (``False``) normalizes with the running statistics and

@@ -41,6 +41,8 @@ from collections.abc import Iterator, Sequence
 import jax
 import jax.numpy as jnp
 
+from norms.checks import float_input
+
 Axes = int | Sequence[int]
 
 SYNC_STRATEGIES = ("auto", "gather", "psum")
@@ -245,8 +247,8 @@ def moments(
     """Mean, biased variance and count of ``x`` over ``axes`` (and over devices).
 
     Args:
-      x: any shape, any float dtype. Statistics are computed in float32 (or wider
-        when ``x`` is wider), whatever the input dtype.
+      x: any shape, any real dtype. Statistics are computed in float32 (or wider
+        when ``x`` is wider), whatever the input dtype (integers included).
       axes: axes of ``x`` to reduce over, e.g. ``(0, 1, 2)`` for per-channel batch
         statistics of an NHWC tensor.
       axis_name: a pmap/shard_map axis name (or tuple of names); statistics are then
@@ -270,9 +272,7 @@ def moments(
     so the result equals one device holding every value, exactly (up to float
     rounding) for uneven or masked batches.
     """
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        x = x.astype(jnp.float32)
+    x = float_input(x, "moments")
     axes = normalize_axes(axes, x.ndim)
     mask = broadcast_mask(mask, x.shape)
     check_axis_name(axis_name)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from norms.checks import float_input
 from norms.moments import moments, normalize_axes
 from norms.standardize import is_zero_tangent
 
@@ -48,9 +49,11 @@ def weight_standardize(
       axes: fan-in axes the statistics run over; ``(0, 1, 2)`` for HWIO, ``None``
         for every axis but the last (e.g. ``(0,)`` for an IO dense kernel).
 
-    Returns the standardized kernel in ``w``'s dtype; statistics are in float32.
+    Returns the standardized kernel in ``w``'s dtype (float32 for an integer
+    kernel); statistics are in float32.
     Used with group norm ("GN+WS").
     """
+    w = float_input(w, "weight_standardize")
     axes = _fan_in_axes(w, axes, "weight_standardize")
     if _is_leading(axes, w.ndim):
         # See _is_leading: same values as a (fan_in, O) matrix.
@@ -145,10 +148,10 @@ def scaled_weight_standardize(
       eps: lower bound on ``var * fan_in``.
       axes: fan-in axes; ``None`` means all but the last.
 
-    Returns ``w_hat`` in ``w``'s dtype; statistics and derivatives are computed in
-    float32 (or wider for wider kernels).
+    Returns ``w_hat`` in ``w``'s dtype (float32 for an integer kernel); statistics
+    and derivatives are computed in float32 (or wider for wider kernels).
     """
-    w = jnp.asarray(w)
+    w = float_input(w, "scaled_weight_standardize")
     axes = _fan_in_axes(w, axes, "scaled_weight_standardize")
     if gain is not None:
         gain = jnp.asarray(gain)
