@@ -42,7 +42,14 @@ import jax
 import jax.numpy as jnp
 
 from norms.checks import prepare
-from norms.moments import broadcast_mask, check_axis_name, merge_moments, moments, stats_dtype
+from norms.moments import (
+    broadcast_mask,
+    check_axis_name,
+    inv_std,
+    merge_moments,
+    moments,
+    stats_dtype,
+)
 from norms.running_stats import (
     BatchMoments,
     BatchNormState,
@@ -212,7 +219,7 @@ def normalize(x, mean, var, scale, bias, *, eps, axis: int, out_dtype, r=None, d
     cdt = mean.dtype
     shape = _channel_shape(x.ndim, axis, x.shape[axis])
     scale = None if scale is None else scale.astype(cdt).reshape(shape)
-    mul = jax.lax.rsqrt(var + eps)
+    mul = inv_std(var, eps)
     if r is not None:
         mul = mul * r
     if scale is not None:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from norms.checks import channel_params, check_running_args, require_spatial
 from norms.group_norm import channels_last, grouped_moments, mask_channels_last, per_channel
-from norms.moments import moments, stats_dtype
+from norms.moments import inv_std, moments, nan_if_overflowed, stats_dtype
 from norms.running_stats import BatchMoments, BatchNormState, check_stale, update_running_stats
 
 
@@ -100,7 +100,7 @@ def evonorm_b0(
     _, var_i, _ = moments(xl, tuple(range(1, xl.ndim - 1)), mask=m, keepdims=True)
     xf = xl.astype(dt)
     den = jnp.maximum(jnp.sqrt(var_b + eps), v * xf + jnp.sqrt(var_i + eps))
-    y = xf / den
+    y = nan_if_overflowed(xf / den, var_b, var_i)
     if scale is not None:
         y = y * scale
     if bias is not None:
@@ -154,7 +154,7 @@ def evonorm_s0(
     dt = stats_dtype(xl.dtype)
     scale, bias, v = channel_params(who, shape, axis, dt, scale=scale, bias=bias, v=v)
     _, var_g, _ = grouped_moments(xl, g)
-    inv = per_channel(jax.lax.rsqrt(var_g + eps), c)
+    inv = per_channel(inv_std(var_g, eps), c)
     xf = xl.astype(dt)
     y = xf * jax.nn.sigmoid(v * xf) * inv.reshape((xl.shape[0],) + (1,) * (xl.ndim - 2) + (c,))
     if scale is not None:

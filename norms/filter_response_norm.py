@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from norms.checks import channel_params
 from norms.group_norm import channels_last
-from norms.moments import moments, stats_dtype
+from norms.moments import inv_std, moments, stats_dtype
 
 
 def filter_response_norm(
@@ -66,7 +66,7 @@ def filter_response_norm(
         eps_eff = eps_eff + jnp.abs(learned_eps.astype(dt))
     mean, var, _ = moments(xl, tuple(range(1, xl.ndim - 1)), keepdims=True)
     nu2 = var + jnp.square(mean)
-    a = jax.lax.rsqrt(nu2 + eps_eff)
+    a = inv_std(nu2, eps_eff)
     if scale is not None:
         a = a * scale
     y = xl.astype(dt) * a

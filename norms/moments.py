@@ -35,6 +35,7 @@ is ``sys.modules["norms.moments"]``.)
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator, Sequence
 
@@ -75,6 +76,26 @@ def normalize_axes(axes: Axes, ndim: int) -> tuple[int, ...]:
 def stats_dtype(dtype) -> jnp.dtype:
     """Dtype statistics are accumulated in: float32, or wider when the input is wider."""
     return jnp.promote_types(dtype, jnp.float32)
+
+
+def nan_if_overflowed(t: jax.Array, *stats: jax.Array) -> jax.Array:
+    """``t`` with NaN wherever one of ``stats`` (broadcast against it) is infinite.
+
+    Float32 statistics of values around 1e19 and above overflow: the squared
+    deviations exceed float32's 3.4e38, so the variance becomes inf and
+    ``rsqrt(inf) = 0`` would turn a norm's output into plausible-looking zeros (or
+    the bias). NaN instead reaches the loss and the gradients, where a non-finite
+    guard (the trainer's skipped steps) sees it. Checking the small statistics
+    arrays costs nothing next to the pass over the input, unlike rescaling every
+    input by its max-abs to avoid the overflow (docs/benchmarks.md).
+    """
+    bad = functools.reduce(jnp.logical_or, (jnp.isinf(s) for s in stats))
+    return jnp.where(bad, jnp.asarray(jnp.nan, t.dtype), t)
+
+
+def inv_std(var: jax.Array, eps) -> jax.Array:
+    """``rsqrt(var + eps)``, NaN where ``var`` overflowed to inf (:func:`nan_if_overflowed`)."""
+    return nan_if_overflowed(jax.lax.rsqrt(var + eps), var)
 
 
 def check_axis_name(axis_name, who: str = "moments") -> None:

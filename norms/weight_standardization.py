@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from norms.checks import float_input
-from norms.moments import moments, normalize_axes
+from norms.moments import inv_std, moments, nan_if_overflowed, normalize_axes
 from norms.standardize import is_zero_tangent
 
 
@@ -59,7 +59,7 @@ def weight_standardize(
         # See _is_leading: same values as a (fan_in, O) matrix.
         return weight_standardize(w.reshape(-1, w.shape[-1]), eps=eps, axes=(0,)).reshape(w.shape)
     mean, var, _ = moments(w, axes, keepdims=True)
-    out = (w.astype(mean.dtype) - mean) * jax.lax.rsqrt(var + eps)
+    out = (w.astype(mean.dtype) - mean) * inv_std(var, eps)
     return out.astype(w.dtype)
 
 
@@ -70,7 +70,7 @@ def _scaled_ws_forward(axes: tuple[int, ...], eps: float, w: jax.Array, gain: ja
         fan_in *= w.shape[a]
     mean, var, _ = moments(w, axes, keepdims=True)
     z = var * fan_in
-    s = jax.lax.rsqrt(jnp.maximum(z, eps))
+    s = nan_if_overflowed(jax.lax.rsqrt(jnp.maximum(z, eps)), z)
     a = s if gain is None else s * gain.astype(s.dtype)
     xc = w.astype(mean.dtype) - mean
     return (xc * a).astype(w.dtype), (xc, z, s, a)

@@ -132,3 +132,63 @@ def test_complex_input_is_rejected_with_a_clear_error():
         norms.group_norm(x, num_groups=2)
     with pytest.raises(ValueError, match="complex"):
         norms.batch_norm(x, _state(), train=True)
+
+
+# Norms whose output is scale-invariant (up to eps): not eval with running
+# statistics, nor renorm's correction towards them, nor S0's sigmoid(v * x).
+SCALE_FREE = sorted(set(NORMS) - {"batch_norm_eval", "batch_renorm", "evonorm_s0"})
+
+
+@pytest.mark.parametrize("name", sorted(set(NORMS) - {"batch_norm_eval"}))
+def test_large_inputs_whose_squares_fit_float32_match_the_reference(name):
+    """|x| ~ 1e15: squares ~ 1e30, summed well below float32's 3.4e38."""
+    x = np.random.default_rng(3).normal(0.5, 2.0, SHAPE).astype(np.float32) * np.float32(1e15)
+    fn, ref = NORMS[name]
+    y = np.asarray(fn(x))
+    with np.errstate(over="ignore"):  # exp(-v x) of S0's reference overflows to inf: fine
+        expected = ref(x.astype(np.float64))
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("scale", [1e19, 1e30])
+@pytest.mark.parametrize("name", sorted(set(NORMS) - {"batch_norm_eval"}))
+def test_inputs_whose_squares_overflow_give_non_finite_outputs_not_zeros(name, scale):
+    """Float32 statistics of ~1e19+ values overflow; the output must say so (NaN).
+
+    The float64 reference of the same input is finite (and, for the scale-free
+    norms, equal to the reference of the unscaled input): a float32 zero here would
+    be a plausible-looking wrong answer.
+    """
+    x = np.random.default_rng(4).normal(0.5, 2.0, SHAPE).astype(np.float32)
+    big = x * np.float32(scale)
+    assert np.all(np.isfinite(big))
+    fn, ref = NORMS[name]
+    with np.errstate(over="ignore"):
+        expected = ref(big.astype(np.float64))
+    assert np.all(np.isfinite(expected))
+    if name in SCALE_FREE:
+        np.testing.assert_allclose(expected, ref(x.astype(np.float64)), rtol=1e-4, atol=1e-4)
+    y = np.asarray(fn(big))
+    assert not np.any(np.isfinite(y)), f"{name}: finite outputs from overflowed statistics"
+
+
+@pytest.mark.parametrize("name", ["batch_norm", "group_norm", "layer_norm"])
+def test_overflowed_statistics_give_non_finite_gradients(name):
+    fn, _ = NORMS[name]
+    big = np.random.default_rng(5).normal(0.5, 2.0, SHAPE).astype(np.float32) * np.float32(1e30)
+    g = jax.grad(lambda x: jnp.sum(fn(x) * jnp.arange(x.size).reshape(x.shape)))(big)
+    assert not np.any(np.isfinite(np.asarray(g)))
+
+
+def test_overflowed_batch_leaves_the_running_statistics_alone():
+    big = np.random.default_rng(6).normal(0.5, 2.0, SHAPE).astype(np.float32) * np.float32(1e30)
+    st = _run_state()
+    for fn in (
+        lambda: norms.batch_norm(big, st, S, B, train=True)[1],
+        lambda: norms.evonorm_b0(big, st, S, B, V, train=True)[1],
+        lambda: norms.switchable_norm(big, st, S, B, LOGITS_M, LOGITS_V, train=True)[1],
+    ):
+        new = fn()
+        np.testing.assert_array_equal(new.mean, RUN_MEAN)
+        np.testing.assert_array_equal(new.var, RUN_VAR)
+        assert int(new.count) == 1
