@@ -14,8 +14,8 @@ running statistics, like batch norm. The running mean/variance are updated as in
 is the weight on the old value; non-finite batches skipped), and ``sigma`` is
 derived from the running variance. ``r_max``/``d_max`` may be numbers or callables
 of the training step, which lives in the state (so it is checkpointed) and
-advances by one per training call. :func:`paper_r_max`/:func:`paper_d_max` are
-the paper's ImageNet schedules.
+advances by one per training call whose batch was not skipped as non-finite.
+:func:`paper_r_max`/:func:`paper_d_max` are the paper's ImageNet schedules.
 """
 
 from __future__ import annotations
@@ -46,7 +46,9 @@ class BatchRenormState(NamedTuple):
       mean: (C,) float32 running mean.
       var: (C,) float32 running (biased) variance; ``sigma = sqrt(var + eps)``.
       count: () int32 number of running updates applied (non-finite batches skipped).
-      step: () int32 number of training calls; the argument of r_max/d_max schedules.
+      step: () int32 number of training calls whose batch statistics were applied
+        (a skipped non-finite batch advances neither ``count`` nor ``step``); the
+        argument of r_max/d_max schedules.
     """
 
     mean: jax.Array
@@ -127,7 +129,10 @@ def batch_renorm(
       ``(y, new_state)`` (plus the batch moments with ``return_batch_stats``); in
       train mode ``new_state.step = state.step + 1`` and the
       running statistics are updated once (the correction uses the running
-      statistics from BEFORE this update).
+      statistics from BEFORE this update). A batch whose statistics are not
+      finite (or that is entirely masked) is skipped: the whole state, ``step``
+      included, comes back unchanged, so a schedule does not advance on steps the
+      optimizer skips.
     """
     who = "batch_renorm"
     x, ax, scale, bias = prepare(
@@ -159,7 +164,10 @@ def batch_renorm(
         jax.lax.stop_gradient(stats.run_count),
         momentum=momentum,
     )
-    new_state = new_state._replace(step=state.step + 1)
+    # update_running_stats advances count only for a batch it did not skip.
+    applied = new_state.count != state.count
+    step = jnp.asarray(state.step)
+    new_state = new_state._replace(step=jnp.where(applied, step + 1, step).astype(step.dtype))
     if return_batch_stats:
         return y, new_state, jax.tree.map(jax.lax.stop_gradient, stats.moments())
     return y, new_state
