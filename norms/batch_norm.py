@@ -280,9 +280,11 @@ def batch_norm(
     still flow to ``x``, ``scale`` and ``bias``.
 
     Args:
-      x: input, any real dtype. Statistics are float32 (wider for float64
+      x: input, any real dtype. Batch statistics are float32 (wider for float64
         inputs); ``y`` has ``x``'s dtype, float32 for integer inputs.
-      state: :class:`BatchNormState` with (C,) mean/var.
+      state: :class:`BatchNormState` with (C,) mean/var. The running statistics
+        stay in the state's dtype: float32 from ``init_batch_norm_state(C)``,
+        float64 from ``init_batch_norm_state(C, jnp.float64)`` (with x64 enabled).
       scale, bias: optional (C,) affine parameters.
       train: required; never inferred.
       momentum: weight on the OLD running value (PyTorch 0.1 == 0.9 here).

@@ -43,8 +43,8 @@ class BatchRenormState(NamedTuple):
     """Running statistics of a batch renorm layer.
 
     Attributes:
-      mean: (C,) float32 running mean.
-      var: (C,) float32 running (biased) variance; ``sigma = sqrt(var + eps)``.
+      mean: (C,) running mean (float32 unless created with another ``dtype``).
+      var: (C,) running (biased) variance, same dtype; ``sigma = sqrt(var + eps)``.
       count: () int32 number of running updates applied (non-finite batches skipped).
       step: () int32 number of training calls whose batch statistics were applied
         (a skipped non-finite batch advances neither ``count`` nor ``step``); the
@@ -57,11 +57,12 @@ class BatchRenormState(NamedTuple):
     step: jax.Array
 
 
-def init_batch_renorm_state(num_features: int) -> BatchRenormState:
-    """Fresh state: mean 0, var 1 (float32, (C,)), count 0 and step 0 (int32).
+def init_batch_renorm_state(num_features: int, dtype=jnp.float32) -> BatchRenormState:
+    """Fresh state: mean 0, var 1 ((C,), ``dtype``), count 0 and step 0 (int32).
 
     The batch-norm fields come from :func:`norms.running_stats.init_batch_norm_state`."""
-    return BatchRenormState(*init_batch_norm_state(num_features), step=jnp.zeros((), jnp.int32))
+    state = init_batch_norm_state(num_features, dtype)
+    return BatchRenormState(*state, step=jnp.zeros((), jnp.int32))
 
 
 def _ramp(step, end: int, start_value: float, final_value: float) -> jax.Array:

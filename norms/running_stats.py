@@ -37,8 +37,8 @@ class BatchNormState(NamedTuple):
     """Running statistics of a batch norm layer.
 
     Attributes:
-      mean: (C,) float32 running mean.
-      var: (C,) float32 running variance (biased unless ``unbiased_running_var``).
+      mean: (C,) running mean (float32 unless created with another ``dtype``).
+      var: (C,) running variance, same dtype (biased unless ``unbiased_running_var``).
       count: () int32 number of running updates applied so far (skipped
         non-finite batches do not count).
     """
@@ -48,13 +48,23 @@ class BatchNormState(NamedTuple):
     count: jax.Array
 
 
-def init_batch_norm_state(num_features: int) -> BatchNormState:
-    """Fresh running statistics: mean 0, var 1 (float32, shape (C,)), count 0 (int32)."""
+def init_batch_norm_state(num_features: int, dtype=jnp.float32) -> BatchNormState:
+    """Fresh running statistics: mean 0, var 1 (shape (C,), ``dtype``), count 0 (int32).
+
+    ``dtype`` is the dtype the running statistics are kept in (every update casts
+    the batch moments to it): float32 by default, e.g. ``jnp.float64`` (with
+    ``jax_enable_x64``) to keep float64 statistics of float64 inputs.
+    """
     if not isinstance(num_features, int) or num_features < 1:
         raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(
+            f"init_batch_norm_state: dtype={dtype!r} is not a floating dtype; use "
+            "jnp.float32 (the default) or jnp.float64"
+        )
     return BatchNormState(
-        mean=jnp.zeros((num_features,), jnp.float32),
-        var=jnp.ones((num_features,), jnp.float32),
+        mean=jnp.zeros((num_features,), dtype),
+        var=jnp.ones((num_features,), dtype),
         count=jnp.zeros((), jnp.int32),
     )
 
