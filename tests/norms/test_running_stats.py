@@ -77,3 +77,30 @@ def test_init_state_dtype_is_the_running_statistics_dtype():
             np.testing.assert_allclose(st.var, var, rtol=1e-12)
     with pytest.raises(ValueError, match="dtype=.*int32.*not a floating dtype"):
         norms.init_batch_norm_state(3, jnp.int32)
+
+
+@pytest.mark.parametrize("strategy", ["gather", "psum"])
+def test_sync_batch_stats_uses_the_shared_merge_with_either_strategy(strategy):
+    rng = np.random.default_rng(6)
+    means = rng.normal(size=(D, C)).astype(np.float32)
+    vars_ = rng.uniform(0.5, 2.0, (D, C)).astype(np.float32)
+    counts = np.array([3, 0, 5, 5, 0, 0, 0, 0], np.int32)  # group 2 never updated
+    st = BatchNormState(jnp.asarray(means), jnp.asarray(vars_), jnp.asarray(counts))
+    groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+    def sync(s):
+        return sync_batch_stats(s, "d", axis_index_groups=groups, sync_strategy=strategy)
+
+    out = jax.pmap(sync, axis_name="d")(st)
+    for g in groups:
+        rm, rv = ref_sync(means[g], vars_[g], counts[g])
+        for d in g:
+            np.testing.assert_allclose(out.mean[d], rm, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(out.var[d], rv, rtol=1e-5)
+            assert int(out.count[d]) == counts[g].max()
+    hlo = jax.pmap(sync, axis_name="d").lower(st).as_text()
+    # the counts' all_gather, then the merge: one all_gather or two psums (all_reduce)
+    expected = {"gather": (2, 0), "psum": (1, 2)}[strategy]
+    assert (hlo.count("stablehlo.all_gather"), hlo.count("stablehlo.all_reduce")) == expected
+    with pytest.raises(ValueError, match="sync_strategy='bad'"):
+        sync_batch_stats(st, "d", sync_strategy="bad")
