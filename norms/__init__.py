@@ -4,6 +4,11 @@ Every function takes arrays and returns arrays; stateful norms take and return a
 small state pytree and never mutate. Flax modules over these live in
 ``norms.linen`` and ``norms.nnx`` (Flax NNX), the only places flax is imported;
 ``norms.registry`` holds the norm names both accept.
+
+Dtypes: statistics are computed in float32 (or wider for wider inputs) and the
+output has the input's dtype. Integer and bool inputs (e.g. uint8 images) are
+computed in float32 and return float32, as flax's norms do; complex inputs raise
+ValueError.
 """
 
 from norms.batch_norm import batch_norm

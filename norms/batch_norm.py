@@ -42,7 +42,14 @@ import jax
 import jax.numpy as jnp
 
 from norms.checks import prepare
-from norms.moments import broadcast_mask, check_axis_name, merge_moments, moments, stats_dtype
+from norms.moments import (
+    broadcast_mask,
+    check_axis_name,
+    inv_std,
+    merge_moments,
+    moments,
+    stats_dtype,
+)
 from norms.running_stats import (
     BatchMoments,
     BatchNormState,
@@ -212,7 +219,7 @@ def normalize(x, mean, var, scale, bias, *, eps, axis: int, out_dtype, r=None, d
     cdt = mean.dtype
     shape = _channel_shape(x.ndim, axis, x.shape[axis])
     scale = None if scale is None else scale.astype(cdt).reshape(shape)
-    mul = jax.lax.rsqrt(var + eps)
+    mul = inv_std(var, eps)
     if r is not None:
         mul = mul * r
     if scale is not None:
@@ -273,9 +280,11 @@ def batch_norm(
     still flow to ``x``, ``scale`` and ``bias``.
 
     Args:
-      x: input, any float dtype. Statistics and the running state are float32
-        (wider for float64 inputs); ``y`` has ``x``'s dtype.
-      state: :class:`BatchNormState` with (C,) mean/var.
+      x: input, any real dtype. Batch statistics are float32 (wider for float64
+        inputs); ``y`` has ``x``'s dtype, float32 for integer inputs.
+      state: :class:`BatchNormState` with (C,) mean/var. The running statistics
+        stay in the state's dtype: float32 from ``init_batch_norm_state(C)``,
+        float64 from ``init_batch_norm_state(C, jnp.float64)`` (with x64 enabled).
       scale, bias: optional (C,) affine parameters.
       train: required; never inferred.
       momentum: weight on the OLD running value (PyTorch 0.1 == 0.9 here).

@@ -14,8 +14,8 @@ running statistics, like batch norm. The running mean/variance are updated as in
 is the weight on the old value; non-finite batches skipped), and ``sigma`` is
 derived from the running variance. ``r_max``/``d_max`` may be numbers or callables
 of the training step, which lives in the state (so it is checkpointed) and
-advances by one per training call. :func:`paper_r_max`/:func:`paper_d_max` are
-the paper's ImageNet schedules.
+advances by one per training call whose batch was not skipped as non-finite.
+:func:`paper_r_max`/:func:`paper_d_max` are the paper's ImageNet schedules.
 """
 
 from __future__ import annotations
@@ -43,10 +43,12 @@ class BatchRenormState(NamedTuple):
     """Running statistics of a batch renorm layer.
 
     Attributes:
-      mean: (C,) float32 running mean.
-      var: (C,) float32 running (biased) variance; ``sigma = sqrt(var + eps)``.
+      mean: (C,) running mean (float32 unless created with another ``dtype``).
+      var: (C,) running (biased) variance, same dtype; ``sigma = sqrt(var + eps)``.
       count: () int32 number of running updates applied (non-finite batches skipped).
-      step: () int32 number of training calls; the argument of r_max/d_max schedules.
+      step: () int32 number of training calls whose batch statistics were applied
+        (a skipped non-finite batch advances neither ``count`` nor ``step``); the
+        argument of r_max/d_max schedules.
     """
 
     mean: jax.Array
@@ -55,11 +57,12 @@ class BatchRenormState(NamedTuple):
     step: jax.Array
 
 
-def init_batch_renorm_state(num_features: int) -> BatchRenormState:
-    """Fresh state: mean 0, var 1 (float32, (C,)), count 0 and step 0 (int32).
+def init_batch_renorm_state(num_features: int, dtype=jnp.float32) -> BatchRenormState:
+    """Fresh state: mean 0, var 1 ((C,), ``dtype``), count 0 and step 0 (int32).
 
     The batch-norm fields come from :func:`norms.running_stats.init_batch_norm_state`."""
-    return BatchRenormState(*init_batch_norm_state(num_features), step=jnp.zeros((), jnp.int32))
+    state = init_batch_norm_state(num_features, dtype)
+    return BatchRenormState(*state, step=jnp.zeros((), jnp.int32))
 
 
 def _ramp(step, end: int, start_value: float, final_value: float) -> jax.Array:
@@ -109,7 +112,8 @@ def batch_renorm(
     """Batch renormalization of ``x`` of shape (N, ..., C) (channel axis ``axis``).
 
     Args:
-      x: input, any float dtype; statistics float32, output in ``x``'s dtype.
+      x: input, any real dtype; statistics float32, output in ``x``'s dtype
+        (float32 for integer inputs).
       state: :class:`BatchRenormState`.
       scale, bias: optional (C,) affine parameters.
       train: required; eval (``False``) normalizes with the running statistics and
@@ -126,7 +130,10 @@ def batch_renorm(
       ``(y, new_state)`` (plus the batch moments with ``return_batch_stats``); in
       train mode ``new_state.step = state.step + 1`` and the
       running statistics are updated once (the correction uses the running
-      statistics from BEFORE this update).
+      statistics from BEFORE this update). A batch whose statistics are not
+      finite (or that is entirely masked) is skipped: the whole state, ``step``
+      included, comes back unchanged, so a schedule does not advance on steps the
+      optimizer skips.
     """
     who = "batch_renorm"
     x, ax, scale, bias = prepare(
@@ -158,7 +165,10 @@ def batch_renorm(
         jax.lax.stop_gradient(stats.run_count),
         momentum=momentum,
     )
-    new_state = new_state._replace(step=state.step + 1)
+    # update_running_stats advances count only for a batch it did not skip.
+    applied = new_state.count != state.count
+    step = jnp.asarray(state.step)
+    new_state = new_state._replace(step=jnp.where(applied, step + 1, step).astype(step.dtype))
     if return_batch_stats:
         return y, new_state, jax.tree.map(jax.lax.stop_gradient, stats.moments())
     return y, new_state

@@ -8,6 +8,24 @@ import jax
 import jax.numpy as jnp
 
 
+def float_input(x, who: str) -> jax.Array:
+    """``x`` as an array of a real floating dtype; integer and bool inputs become float32.
+
+    The norms compute in float32 (as flax's norms do) and return a float: returned
+    in an integer dtype the normalized values would be truncated to a few integers.
+    Complex inputs are rejected.
+    """
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        raise ValueError(
+            f"{who}: complex input ({x.dtype}) is not supported; normalize the real and "
+            "imaginary parts separately (jnp.real / jnp.imag)"
+        )
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        x = x.astype(jnp.float32)
+    return x
+
+
 def channel_params(
     who: str, x_shape: Sequence[int], axis: int, dtype=None, **params: jax.Array | None
 ) -> tuple[jax.Array | None, ...]:
@@ -106,7 +124,7 @@ def check_running_args(state, x_shape, axis: int, momentum, eps, on_stale: str, 
 
 def prepare(x, state, scale, bias, *, axis, momentum, eps, on_stale, who):
     """Entry checks shared by the stateful norms; returns ``(x, channel_axis, scale, bias)``."""
-    x = jnp.asarray(x)
+    x = float_input(x, who)
     ax = channel_axis(x, axis, who)
     scale, bias = channel_params(who, x.shape, ax, scale=scale, bias=bias)
     check_running_args(state, x.shape, ax, momentum, eps, on_stale, who)
@@ -122,6 +140,7 @@ __all__ = [
     "check_on_stale",
     "check_running_args",
     "check_state",
+    "float_input",
     "prepare",
     "require_spatial",
 ]

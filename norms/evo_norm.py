@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from norms.checks import channel_params, check_running_args, require_spatial
 from norms.group_norm import channels_last, grouped_moments, mask_channels_last, per_channel
-from norms.moments import moments, stats_dtype
+from norms.moments import inv_std, moments, nan_if_overflowed, stats_dtype
 from norms.running_stats import BatchMoments, BatchNormState, check_stale, update_running_stats
 
 
@@ -38,6 +38,7 @@ def evonorm_b0(
     axis_name: str | tuple[str, ...] | None = None,
     axis_index_groups: Sequence[Sequence[int]] | None = None,
     mask: jax.Array | None = None,
+    unbiased_running_var: bool = False,
     on_stale: str = "warn",
     return_batch_stats: bool = False,
 ) -> tuple[jax.Array, BatchNormState]:
@@ -60,6 +61,10 @@ def evonorm_b0(
       axis_name, axis_index_groups: cross-device batch variance.
       mask: optional boolean broadcastable to ``x``: values that enter the batch and
         instance variances.
+      unbiased_running_var: store ``n / (n - 1) * var_B`` (n the cross-device,
+        masked count) in the running variance, as timm's ``EvoNorm2dB0`` and
+        PyTorch's batch norm do; the normalization always uses the biased
+        ``var_B``, and eval uses the stored value.
       on_stale: "warn" | "error" | "ignore" for eval with never-updated statistics.
       return_batch_stats: also return the batch :class:`~norms.running_stats.BatchMoments`
         (``(C,)`` mean, biased var, count; ``None`` in eval), e.g. for
@@ -91,7 +96,9 @@ def evonorm_b0(
             mask=m,
         )
         batch_moments = BatchMoments(*(jax.lax.stop_gradient(t) for t in (mean_b, var_b, cnt_b)))
-        new_state = update_running_stats(state, *batch_moments, momentum=momentum)
+        new_state = update_running_stats(
+            state, *batch_moments, momentum=momentum, unbiased=unbiased_running_var
+        )
     else:
         check_stale(state.count, on_stale, who)
         var_b = state.var.astype(dt)
@@ -100,7 +107,7 @@ def evonorm_b0(
     _, var_i, _ = moments(xl, tuple(range(1, xl.ndim - 1)), mask=m, keepdims=True)
     xf = xl.astype(dt)
     den = jnp.maximum(jnp.sqrt(var_b + eps), v * xf + jnp.sqrt(var_i + eps))
-    y = xf / den
+    y = nan_if_overflowed(xf / den, var_b, var_i)
     if scale is not None:
         y = y * scale
     if bias is not None:
@@ -129,6 +136,7 @@ def evonorm_s0(
     num_groups: int = 32,
     eps: float = 1e-5,
     axis: int = -1,
+    mask: jax.Array | None = None,
 ) -> jax.Array:
     """EvoNorm-S0 of ``x`` of shape ``(N, *spatial, C)``; batch-independent.
 
@@ -144,6 +152,11 @@ def evonorm_s0(
         width works (e.g. C = 24 -> G = 24).
       eps: inside the square root.
       axis: channel axis.
+      mask: optional boolean broadcastable to ``x``: only True values enter
+        ``var_G`` (e.g. padded positions); every value is normalized with it, as in
+        :func:`norms.group_norm`. The statistics are per example, so masking whole
+        examples (shape ``(N, 1, 1, 1)``) leaves the others' outputs unchanged; a
+        group with no True value gets ``var_G = 0`` (finite outputs).
     """
     who = "evonorm_s0"
     shape = jnp.shape(x)
@@ -153,8 +166,8 @@ def evonorm_s0(
     g = evonorm_s0_groups(c, num_groups)
     dt = stats_dtype(xl.dtype)
     scale, bias, v = channel_params(who, shape, axis, dt, scale=scale, bias=bias, v=v)
-    _, var_g, _ = grouped_moments(xl, g)
-    inv = per_channel(jax.lax.rsqrt(var_g + eps), c)
+    _, var_g, _ = grouped_moments(xl, g, mask_channels_last(mask, shape, axis, who))
+    inv = per_channel(inv_std(var_g, eps), c)
     xf = xl.astype(dt)
     y = xf * jax.nn.sigmoid(v * xf) * inv.reshape((xl.shape[0],) + (1,) * (xl.ndim - 2) + (c,))
     if scale is not None:

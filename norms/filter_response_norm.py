@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from norms.checks import channel_params
-from norms.group_norm import channels_last
-from norms.moments import moments, stats_dtype
+from norms.group_norm import channels_last, mask_channels_last
+from norms.moments import inv_std, moments, stats_dtype
 
 
 def filter_response_norm(
@@ -24,6 +24,7 @@ def filter_response_norm(
     eps: float = 1e-6,
     learned_eps: jax.Array | None = None,
     axis: int = -1,
+    mask: jax.Array | None = None,
 ) -> jax.Array:
     """FRN (+ TLU when ``tau`` is given) of ``x`` of shape ``(N, ..., C)``.
 
@@ -47,6 +48,12 @@ def filter_response_norm(
       eps: fixed epsilon (its absolute value is used).
       learned_eps: optional learned epsilon, shape ``()`` or ``(C,)``.
       axis: the channel axis.
+      mask: optional boolean broadcastable to ``x``: only True values enter ``nu2``
+        (the mean of ``x^2`` over them, e.g. without padded positions); every value
+        is normalized with it, as in :func:`norms.group_norm`. ``nu2`` is per
+        example, so masking whole examples (shape ``(N, 1, 1, 1)``) leaves the
+        others' outputs unchanged; a statistic with no True value gets ``nu2 = 0``
+        (finite outputs, ``x * rsqrt(eps_eff)``).
 
     Returns ``z`` (or ``y`` without ``tau``) in ``x``'s dtype; statistics in float32.
     """
@@ -64,9 +71,10 @@ def filter_response_norm(
                 f"for an input with {c} channels"
             )
         eps_eff = eps_eff + jnp.abs(learned_eps.astype(dt))
-    mean, var, _ = moments(xl, tuple(range(1, xl.ndim - 1)), keepdims=True)
+    m = mask_channels_last(mask, jnp.shape(x), axis, who)
+    mean, var, _ = moments(xl, tuple(range(1, xl.ndim - 1)), mask=m, keepdims=True)
     nu2 = var + jnp.square(mean)
-    a = jax.lax.rsqrt(nu2 + eps_eff)
+    a = inv_std(nu2, eps_eff)
     if scale is not None:
         a = a * scale
     y = xl.astype(dt) * a

@@ -26,7 +26,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from norms.checks import channel_params, require_spatial
+from norms.checks import channel_params, float_input, require_spatial
 from norms.moments import broadcast_mask, merge_moments, moments, normalize_axes, stats_dtype
 from norms.standardize import Population, standardize
 
@@ -34,9 +34,10 @@ from norms.standardize import Population, standardize
 def channels_last(x: jax.Array, axis: int, who: str) -> tuple[jax.Array, int]:
     """Moves the channel ``axis`` of ``x`` last; returns the moved array and ``axis`` >= 0.
 
-    Axis 0 is the batch axis, so the channel axis may not be 0.
+    Axis 0 is the batch axis, so the channel axis may not be 0. Integer inputs
+    become float32 (:func:`norms.checks.float_input`).
     """
-    x = jnp.asarray(x)
+    x = float_input(x, who)
     if x.ndim < 2:
         raise ValueError(
             f"{who}: expected an input of shape (N, ..., C) with at least 2 dimensions, "

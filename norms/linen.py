@@ -3,10 +3,13 @@
 Each module owns its parameters and state and calls one pure function of
 :mod:`norms`; the formulas, conventions and argument checks live there.
 
-- Call: ``module(x, *, train=...)``. ``train`` is a REQUIRED keyword for the
-  stateful norms (BatchNorm, BatchRenorm, SwitchableNorm, EvoNormB0) and is never
-  inferred from which collections are mutable. The batch-independent norms accept
-  ``train=None`` (ignored) only so a model can call any norm the same way.
+- Call: ``module(x, *, train=..., mask=None)``. ``train`` is a REQUIRED keyword for
+  the stateful norms (BatchNorm, BatchRenorm, SwitchableNorm, EvoNormB0) and is
+  never inferred from which collections are mutable. The batch-independent norms
+  accept ``train=None`` (ignored) only so a model can call any norm the same way.
+  Every module takes ``mask`` (a boolean broadcastable to ``x``; True values enter
+  the statistics, every value is normalized), passed to its pure function;
+  ``Identity`` ignores it.
 - State: collection ``"batch_stats"`` with variables ``mean`` (C,) f32, ``var``
   (C,) f32, ``count`` () int32 (number of running updates), plus ``step`` for
   BatchRenorm. ``train=True`` needs ``mutable=["batch_stats"]`` in ``apply``.
@@ -211,12 +214,17 @@ class SwitchableNorm(_Stateful):
 class EvoNormB0(_Stateful):
     """EvoNorm-B0 (:func:`norms.evonorm_b0`); per-channel ``v`` (init 1), running var."""
 
+    unbiased_running_var: bool = False
+
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool, mask: jax.Array | None = None) -> jax.Array:
         def v(c):
             return (self.channel_param("v", nn.initializers.ones, c),)
 
-        return self.apply_norm(evonorm_b0, x, train=train, mask=mask, extra=v)
+        unbiased = self.unbiased_running_var
+        return self.apply_norm(
+            evonorm_b0, x, train=train, mask=mask, extra=v, unbiased_running_var=unbiased
+        )
 
 
 class GroupNorm(_Affine):
@@ -283,7 +291,7 @@ class FilterResponseNorm(_Affine):
     axis: int = -1
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, *, train: bool | None = None, mask=None) -> jax.Array:
         del train  # batch-independent: accepted only for a uniform call signature
         c = x.shape[self.axis]
         scale, bias = self.affine(c)
@@ -294,7 +302,7 @@ class FilterResponseNorm(_Affine):
             else None
         )
         y = filter_response_norm(
-            x, scale, bias, tau, eps=self.eps, learned_eps=eps_l, axis=self.axis
+            x, scale, bias, tau, eps=self.eps, learned_eps=eps_l, axis=self.axis, mask=mask
         )
         return self.out(y)
 
@@ -307,12 +315,13 @@ class EvoNormS0(_Affine):
     axis: int = -1
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, *, train: bool | None = None, mask=None) -> jax.Array:
         del train  # batch-independent: accepted only for a uniform call signature
         c = x.shape[self.axis]
         scale, bias = self.affine(c)
         v = self.channel_param("v", nn.initializers.ones, c)
-        y = evonorm_s0(x, scale, bias, v, num_groups=self.num_groups, eps=self.eps, axis=self.axis)
+        g, eps = self.num_groups, self.eps
+        y = evonorm_s0(x, scale, bias, v, num_groups=g, eps=eps, axis=self.axis, mask=mask)
         return self.out(y)
 
 

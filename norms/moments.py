@@ -35,11 +35,14 @@ is ``sys.modules["norms.moments"]``.)
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
+
+from norms.checks import float_input
 
 Axes = int | Sequence[int]
 
@@ -73,6 +76,26 @@ def normalize_axes(axes: Axes, ndim: int) -> tuple[int, ...]:
 def stats_dtype(dtype) -> jnp.dtype:
     """Dtype statistics are accumulated in: float32, or wider when the input is wider."""
     return jnp.promote_types(dtype, jnp.float32)
+
+
+def nan_if_overflowed(t: jax.Array, *stats: jax.Array) -> jax.Array:
+    """``t`` with NaN wherever one of ``stats`` (broadcast against it) is infinite.
+
+    Float32 statistics of values around 1e19 and above overflow: the squared
+    deviations exceed float32's 3.4e38, so the variance becomes inf and
+    ``rsqrt(inf) = 0`` would turn a norm's output into plausible-looking zeros (or
+    the bias). NaN instead reaches the loss and the gradients, where a non-finite
+    guard (the trainer's skipped steps) sees it. Checking the small statistics
+    arrays costs nothing next to the pass over the input, unlike rescaling every
+    input by its max-abs to avoid the overflow (docs/benchmarks.md).
+    """
+    bad = functools.reduce(jnp.logical_or, (jnp.isinf(s) for s in stats))
+    return jnp.where(bad, jnp.asarray(jnp.nan, t.dtype), t)
+
+
+def inv_std(var: jax.Array, eps) -> jax.Array:
+    """``rsqrt(var + eps)``, NaN where ``var`` overflowed to inf (:func:`nan_if_overflowed`)."""
+    return nan_if_overflowed(jax.lax.rsqrt(var + eps), var)
 
 
 def check_axis_name(axis_name, who: str = "moments") -> None:
@@ -245,8 +268,8 @@ def moments(
     """Mean, biased variance and count of ``x`` over ``axes`` (and over devices).
 
     Args:
-      x: any shape, any float dtype. Statistics are computed in float32 (or wider
-        when ``x`` is wider), whatever the input dtype.
+      x: any shape, any real dtype. Statistics are computed in float32 (or wider
+        when ``x`` is wider), whatever the input dtype (integers included).
       axes: axes of ``x`` to reduce over, e.g. ``(0, 1, 2)`` for per-channel batch
         statistics of an NHWC tensor.
       axis_name: a pmap/shard_map axis name (or tuple of names); statistics are then
@@ -270,9 +293,7 @@ def moments(
     so the result equals one device holding every value, exactly (up to float
     rounding) for uneven or masked batches.
     """
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        x = x.astype(jnp.float32)
+    x = float_input(x, "moments")
     axes = normalize_axes(axes, x.ndim)
     mask = broadcast_mask(mask, x.shape)
     check_axis_name(axis_name)

@@ -241,12 +241,23 @@ class SwitchableNorm(_Stateful):
 class EvoNormB0(_Stateful):
     """EvoNorm-B0 (:func:`norms.evonorm_b0`); per-channel ``v`` (init 1), running var."""
 
-    def __init__(self, num_features: int, *, rngs: nnx.Rngs, **fields: Any):
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        unbiased_running_var: bool = False,
+        rngs: nnx.Rngs,
+        **fields: Any,
+    ):
         super().__init__(num_features, rngs=rngs, **fields)
         self.v = self.channel_param(ones, rngs)
+        self.unbiased_running_var = unbiased_running_var
 
     def __call__(self, x: jax.Array, *, train: bool | None = None, mask=None) -> jax.Array:
-        return self.apply_norm(evonorm_b0, x, self.v, train=train, mask=mask)
+        unbiased = self.unbiased_running_var
+        return self.apply_norm(
+            evonorm_b0, x, self.v, train=train, mask=mask, unbiased_running_var=unbiased
+        )
 
 
 class GroupNorm(_Affine):
@@ -339,7 +350,7 @@ class FilterResponseNorm(_Affine):
         init = nnx.initializers.constant(learned_eps_init)
         self.eps = self.channel_param(init, rngs) if learned_eps else nnx.data(None)
 
-    def __call__(self, x: jax.Array, *, train: bool | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, *, train: bool | None = None, mask=None) -> jax.Array:
         del train  # batch-independent: accepted only for a uniform call signature
         y = filter_response_norm(
             x,
@@ -349,6 +360,7 @@ class FilterResponseNorm(_Affine):
             eps=self.eps_value,
             learned_eps=_get(self.eps),
             axis=self.axis,
+            mask=mask,
         )
         return self.out(y)
 
@@ -370,10 +382,11 @@ class EvoNormS0(_Affine):
         self.num_groups, self.eps, self.axis = num_groups, eps, axis
         self.v = self.channel_param(ones, rngs)
 
-    def __call__(self, x: jax.Array, *, train: bool | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, *, train: bool | None = None, mask=None) -> jax.Array:
         del train  # batch-independent: accepted only for a uniform call signature
         scale, bias, v = _get(self.scale), _get(self.bias), _get(self.v)
-        y = evonorm_s0(x, scale, bias, v, num_groups=self.num_groups, eps=self.eps, axis=self.axis)
+        g, eps = self.num_groups, self.eps
+        y = evonorm_s0(x, scale, bias, v, num_groups=g, eps=eps, axis=self.axis, mask=mask)
         return self.out(y)
 
 

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from norms.moments import check_axis_name, merge_moments
+from norms.moments import check_axis_name, check_sync_strategy, merge_across_devices
 
 
 class StaleStatisticsWarning(UserWarning):
@@ -37,8 +37,8 @@ class BatchNormState(NamedTuple):
     """Running statistics of a batch norm layer.
 
     Attributes:
-      mean: (C,) float32 running mean.
-      var: (C,) float32 running variance (biased unless ``unbiased_running_var``).
+      mean: (C,) running mean (float32 unless created with another ``dtype``).
+      var: (C,) running variance, same dtype (biased unless ``unbiased_running_var``).
       count: () int32 number of running updates applied so far (skipped
         non-finite batches do not count).
     """
@@ -48,13 +48,23 @@ class BatchNormState(NamedTuple):
     count: jax.Array
 
 
-def init_batch_norm_state(num_features: int) -> BatchNormState:
-    """Fresh running statistics: mean 0, var 1 (float32, shape (C,)), count 0 (int32)."""
+def init_batch_norm_state(num_features: int, dtype=jnp.float32) -> BatchNormState:
+    """Fresh running statistics: mean 0, var 1 (shape (C,), ``dtype``), count 0 (int32).
+
+    ``dtype`` is the dtype the running statistics are kept in (every update casts
+    the batch moments to it): float32 by default, e.g. ``jnp.float64`` (with
+    ``jax_enable_x64``) to keep float64 statistics of float64 inputs.
+    """
     if not isinstance(num_features, int) or num_features < 1:
         raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(
+            f"init_batch_norm_state: dtype={dtype!r} is not a floating dtype; use "
+            "jnp.float32 (the default) or jnp.float64"
+        )
     return BatchNormState(
-        mean=jnp.zeros((num_features,), jnp.float32),
-        var=jnp.ones((num_features,), jnp.float32),
+        mean=jnp.zeros((num_features,), dtype),
+        var=jnp.ones((num_features,), dtype),
         count=jnp.zeros((), jnp.int32),
     )
 
@@ -195,24 +205,23 @@ def replace_stats(node: Any, **new: Any) -> Any:
     return node._replace(**{k: v for k, v in new.items() if k in node._fields})
 
 
-def _sync_one(node, axis_name, axis_index_groups):
-    mean, var, count = (stats_field(node, k) for k in ("mean", "var", "count"))
-    sdt = jnp.promote_types(jnp.asarray(mean).dtype, jnp.float32)
-    w = jnp.broadcast_to(jnp.asarray(count).astype(sdt), jnp.shape(mean))
-    stacked = jnp.stack([w, mean.astype(sdt), var.astype(sdt)])
-    g = jax.lax.all_gather(stacked, axis_name, axis_index_groups=axis_index_groups)
-    gw, gm, gv = g[:, 0], g[:, 1], g[:, 2]
+def _sync_one(node, axis_name, axis_index_groups, sync_strategy):
+    mean, var, count = (jnp.asarray(stats_field(node, k)) for k in ("mean", "var", "count"))
+    sdt = jnp.promote_types(mean.dtype, jnp.float32)
+    gc = jax.lax.all_gather(count, axis_name, axis_index_groups=axis_index_groups)
+    new_count = jnp.max(gc, axis=0)
     # Devices that never updated carry no information; if none did, weigh equally.
-    gw = jnp.where(jnp.sum(gw, axis=0) > 0, gw, jnp.ones_like(gw))
-    total, new_mean, m2 = merge_moments(gw, gm, gv * gw, axis=0)
+    w = jnp.where(new_count > 0, count, 1).astype(sdt)
+    w = jnp.broadcast_to(w, mean.shape)
+    total, new_mean, m2 = merge_across_devices(
+        w, mean.astype(sdt), var.astype(sdt) * w, axis_name, axis_index_groups, sync_strategy
+    )
     new_var = m2 / jnp.maximum(total, jnp.finfo(sdt).tiny)
-    gc = jax.lax.all_gather(jnp.asarray(count), axis_name, axis_index_groups=axis_index_groups)
-    new_count = jnp.max(gc, axis=0).astype(jnp.asarray(count).dtype)
     return replace_stats(
         node,
-        mean=new_mean.astype(jnp.asarray(mean).dtype),
-        var=new_var.astype(jnp.asarray(var).dtype),
-        count=new_count,
+        mean=new_mean.astype(mean.dtype),
+        var=new_var.astype(var.dtype),
+        count=new_count.astype(count.dtype),
     )
 
 
@@ -221,6 +230,7 @@ def sync_batch_stats(
     axis_name: str | tuple[str, ...],
     *,
     axis_index_groups: Sequence[Sequence[int]] | None = None,
+    sync_strategy: str | None = None,
 ) -> Any:
     """Makes running statistics agree across devices (call inside pmap/shard_map).
 
@@ -235,7 +245,11 @@ def sync_batch_stats(
         var  = sum_i w_i (var_i + (mean_i - mean)^2) / sum_i w_i
         count = max_i count_i
 
-    i.e. Chan's merge of the devices' running moments. Unlike a plain average of
+    i.e. Chan's merge of the devices' running moments, evaluated by the same
+    cross-device merge as SyncBN's batch statistics
+    (:func:`norms.moments.merge_across_devices`; ``sync_strategy`` ``"gather"``,
+    ``"psum"`` or ``"auto"``, None meaning ``norms.moments.SYNC_STRATEGY``), after
+    one ``all_gather`` of the counts. Unlike a plain average of
     variances this includes the spread of the per-device means, so running stats
     that were accumulated from per-device batches (no ``axis_name`` in training)
     describe the whole population. Running stats that were already computed with
@@ -243,9 +257,14 @@ def sync_batch_stats(
     (e.g. a renorm ``step``) are returned as they are. Use it before eval and
     before checkpointing a data-parallel model.
     """
+    check_sync_strategy(sync_strategy)
     check_axis_name(axis_name, "sync_batch_stats")
+
+    def sync(n):
+        return _sync_one(n, axis_name, axis_index_groups, sync_strategy)
+
     return jax.tree_util.tree_map(
-        lambda n: _sync_one(n, axis_name, axis_index_groups) if is_stats_node(n) else n,
+        lambda n: sync(n) if is_stats_node(n) else n,
         state,
         is_leaf=is_stats_node,
     )

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from norms.moments import (
+    inv_std,
     local_moments,
     merge_across_devices,
     merge_moments,
@@ -141,7 +142,7 @@ def _forward(pop: Population, eps: float, x, scale, bias, mask):
     c = x.shape[-1] if pop.num_groups is not None else None
     count, mean, m2 = pop.merge(*local_moments(x, pop.axes, mask, keepdims=True))
     var = m2 / jnp.maximum(count, 1.0)
-    r = jax.lax.rsqrt(var + eps)
+    r = inv_std(var, eps)
     r_p = pop.expand(r, c)
     mean_p = pop.expand(mean, c)
     a = r_p if scale is None else r_p * scale

@@ -25,7 +25,13 @@ import jax.numpy as jnp
 
 from norms.checks import channel_params, check_running_args, require_spatial
 from norms.group_norm import channels_last, mask_channels_last
-from norms.moments import check_axis_name, merge_across_devices, merge_moments, moments
+from norms.moments import (
+    check_axis_name,
+    inv_std,
+    merge_across_devices,
+    merge_moments,
+    moments,
+)
 from norms.running_stats import BatchMoments, BatchNormState, check_stale, update_running_stats
 
 
@@ -64,7 +70,7 @@ def _batch_branch(count_in, mean_in, m2_in, axis_name, axis_index_groups):
 
 def _affine_from_stats(mean, var, scale, bias, eps):
     """``(a, b)`` with ``y = x * a + b = (x - mean) * rsqrt(var + eps) * scale + bias``."""
-    a = jax.lax.rsqrt(var + eps)
+    a = inv_std(var, eps)
     if scale is not None:
         a = a * scale
     b = -mean * a

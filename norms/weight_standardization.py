@@ -12,7 +12,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from norms.moments import moments, normalize_axes
+from norms.checks import float_input
+from norms.moments import inv_std, moments, nan_if_overflowed, normalize_axes
 from norms.standardize import is_zero_tangent
 
 
@@ -48,15 +49,17 @@ def weight_standardize(
       axes: fan-in axes the statistics run over; ``(0, 1, 2)`` for HWIO, ``None``
         for every axis but the last (e.g. ``(0,)`` for an IO dense kernel).
 
-    Returns the standardized kernel in ``w``'s dtype; statistics are in float32.
+    Returns the standardized kernel in ``w``'s dtype (float32 for an integer
+    kernel); statistics are in float32.
     Used with group norm ("GN+WS").
     """
+    w = float_input(w, "weight_standardize")
     axes = _fan_in_axes(w, axes, "weight_standardize")
     if _is_leading(axes, w.ndim):
         # See _is_leading: same values as a (fan_in, O) matrix.
         return weight_standardize(w.reshape(-1, w.shape[-1]), eps=eps, axes=(0,)).reshape(w.shape)
     mean, var, _ = moments(w, axes, keepdims=True)
-    out = (w.astype(mean.dtype) - mean) * jax.lax.rsqrt(var + eps)
+    out = (w.astype(mean.dtype) - mean) * inv_std(var, eps)
     return out.astype(w.dtype)
 
 
@@ -67,7 +70,7 @@ def _scaled_ws_forward(axes: tuple[int, ...], eps: float, w: jax.Array, gain: ja
         fan_in *= w.shape[a]
     mean, var, _ = moments(w, axes, keepdims=True)
     z = var * fan_in
-    s = jax.lax.rsqrt(jnp.maximum(z, eps))
+    s = nan_if_overflowed(jax.lax.rsqrt(jnp.maximum(z, eps)), z)
     a = s if gain is None else s * gain.astype(s.dtype)
     xc = w.astype(mean.dtype) - mean
     return (xc * a).astype(w.dtype), (xc, z, s, a)
@@ -145,10 +148,10 @@ def scaled_weight_standardize(
       eps: lower bound on ``var * fan_in``.
       axes: fan-in axes; ``None`` means all but the last.
 
-    Returns ``w_hat`` in ``w``'s dtype; statistics and derivatives are computed in
-    float32 (or wider for wider kernels).
+    Returns ``w_hat`` in ``w``'s dtype (float32 for an integer kernel); statistics
+    and derivatives are computed in float32 (or wider for wider kernels).
     """
-    w = jnp.asarray(w)
+    w = float_input(w, "scaled_weight_standardize")
     axes = _fan_in_axes(w, axes, "scaled_weight_standardize")
     if gain is not None:
         gain = jnp.asarray(gain)

@@ -117,6 +117,25 @@ def test_schedules_read_the_step_in_the_state():
     np.testing.assert_allclose(y_late, ref_renorm(x, 1.0, 0.0, r, d, 1e-5), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("bad", ["nan", "inf", "all_masked"])
+def test_skipped_non_finite_batch_advances_neither_count_nor_step(bad):
+    x = rand((6, C), 12, 1.0, 2.0)
+    mask = np.ones((6, 1), bool)
+    if bad == "nan":
+        x[2, 1] = np.nan
+    elif bad == "inf":
+        x[0, 0] = np.inf
+    else:
+        mask[:] = False
+    state = renorm_state(rand((C,), 13), np.full(C, 2.0, np.float32), count=3, step=5)
+    f = jax.jit(lambda x, s, m: batch_renorm(x, s, train=True, r_max=paper_r_max, mask=m))
+    _, new = f(x, state, mask)
+    for k in ("mean", "var", "count", "step"):
+        np.testing.assert_array_equal(getattr(new, k), getattr(state, k), err_msg=k)
+    _, good = f(rand((6, C), 14), state, np.ones((6, 1), bool))
+    assert int(good.count) == 4 and int(good.step) == 6
+
+
 def test_eval_uses_running_stats_and_keeps_state():
     x = rand((3, C), 10)
     state = renorm_state(rand((C,), 11), np.full(C, 2.0, np.float32), count=2, step=5)

@@ -27,13 +27,17 @@ def ref_b0(x, scale, bias, v, run_var=None, eps=1e-5, mask=None):
     return y, np.reshape(var_b, -1)
 
 
-def ref_s0(x, scale, bias, v, groups, eps=1e-5):
-    """x * sigmoid(v x) / sqrt(var_{H,W,C/G} + eps) * scale + bias."""
+def ref_s0(x, scale, bias, v, groups, eps=1e-5, mask=None):
+    """x * sigmoid(v x) / sqrt(var_{H,W,C/G} + eps) * scale + bias (var over True values)."""
     x = np.asarray(x, np.float64)
     n, *sp, c = x.shape
     xg = x.reshape(n, *sp, groups, c // groups)
     axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
-    std = np.sqrt(xg.var(axis=axes, keepdims=True) + eps)
+    m = np.ones(x.shape) if mask is None else np.broadcast_to(mask, x.shape).astype(np.float64)
+    m = m.reshape(xg.shape)
+    cnt = np.maximum(m.sum(axis=axes, keepdims=True), 1)
+    mu = (m * xg).sum(axis=axes, keepdims=True) / cnt
+    std = np.sqrt((m * (xg - mu) ** 2).sum(axis=axes, keepdims=True) / cnt + eps)
     v = np.asarray(v, np.float64)
     num = (x / (1 + np.exp(-v * x))).reshape(xg.shape)
     return (num / std).reshape(x.shape) * np.asarray(scale, np.float64) + np.asarray(bias)
@@ -174,3 +178,33 @@ def test_errors():
         norms.evonorm_b0(x[:1, :1, :1], st, s, b, v, train=True)
     with pytest.raises(ValueError, match="no spatial axis"):
         norms.evonorm_s0(x[:, 0, 0], s, b, v)
+
+
+def test_b0_unbiased_running_var_stores_n_over_n_minus_1_times_var_b():
+    x, s, b, v = data()
+    mask = np.random.default_rng(6).random((4, 3, 5, 1)) < 0.7
+    st = norms.BatchNormState(jnp.zeros(6), jnp.full(6, 2.0), jnp.asarray(1))
+    y, new = norms.evonorm_b0(
+        x, st, s, b, v, train=True, momentum=0.8, mask=mask, unbiased_running_var=True
+    )
+    ref, var_b = ref_b0(x, s, b, v, mask=mask)
+    n = np.broadcast_to(mask, x.shape).sum(axis=(0, 1, 2)).astype(np.float64)
+    np.testing.assert_allclose(new.var, 0.8 * 2.0 + 0.2 * var_b * n / (n - 1), rtol=1e-5)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)  # normalized with biased var_B
+    _, biased = norms.evonorm_b0(x, st, s, b, v, train=True, momentum=0.8, mask=mask)
+    np.testing.assert_allclose(biased.var, 0.8 * 2.0 + 0.2 * var_b, rtol=1e-5)
+
+
+def test_s0_mask_excludes_values_and_whole_examples_pass_through():
+    x, s, b, v = data((4, 3, 5, 8))
+    mask = np.random.default_rng(7).random((4, 3, 5, 1)) < 0.6
+    mask[:, 0, 0] = True
+    y = norms.evonorm_s0(x, s, b, v, num_groups=4, mask=mask)
+    np.testing.assert_allclose(y, ref_s0(x, s, b, v, 4, mask=mask), rtol=1e-5, atol=1e-5)
+    rows = np.array([True, False, True, True])[:, None, None, None]
+    y_rows = np.asarray(norms.evonorm_s0(x, s, b, v, num_groups=4, mask=rows))
+    y_all = np.asarray(norms.evonorm_s0(x, s, b, v, num_groups=4))
+    keep = rows[:, 0, 0, 0]  # equal up to the masked sum's rounding
+    np.testing.assert_allclose(y_rows[keep], y_all[keep], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(y_rows[1], ref_s0(x, s, b, v, 4, mask=rows)[1], rtol=1e-5)
+    assert np.isfinite(y_rows).all()

@@ -9,10 +9,15 @@ from norms import filter_response_norm
 from tests.norms.numpy_refs import assert_grads_match
 
 
-def ref_frn(x, scale, bias, tau=None, eps=1e-6, learned_eps=None):
-    """nu2 = mean_{H,W} x^2; y = scale * x / sqrt(nu2 + |eps|) + bias; z = max(y, tau)."""
+def ref_frn(x, scale, bias, tau=None, eps=1e-6, learned_eps=None, mask=None):
+    """nu2 = mean_{H,W} x^2; y = scale * x / sqrt(nu2 + |eps|) + bias; z = max(y, tau).
+
+    With ``mask`` the mean is over the True values only (0 when there are none).
+    """
     x = np.asarray(x, np.float64)
-    nu2 = np.mean(x**2, axis=tuple(range(1, x.ndim - 1)), keepdims=True)
+    axes = tuple(range(1, x.ndim - 1))
+    m = np.ones(x.shape) if mask is None else np.broadcast_to(mask, x.shape).astype(np.float64)
+    nu2 = (m * x**2).sum(axis=axes, keepdims=True) / np.maximum(m.sum(axis=axes, keepdims=True), 1)
     e = abs(eps) if learned_eps is None else abs(eps) + np.abs(learned_eps)
     y = np.asarray(scale, np.float64) * x / np.sqrt(nu2 + e) + np.asarray(bias, np.float64)
     return y if tau is None else np.maximum(y, tau)
@@ -105,3 +110,21 @@ def test_errors_name_the_shapes():
         filter_response_norm(x, jnp.ones(4))
     with pytest.raises(ValueError, match=r"learned_eps has shape \(2,\)"):
         filter_response_norm(x, learned_eps=jnp.ones(2))
+
+
+def test_mask_excludes_values_from_nu2_and_whole_examples_pass_through():
+    x, s, b, tau = data()
+    mask = np.random.default_rng(5).random(x.shape[:-1] + (1,)) < 0.6  # per position
+    mask[:, 0, 0] = True
+    y = filter_response_norm(x, s, b, tau, mask=mask)
+    np.testing.assert_allclose(y, ref_frn(x, s, b, tau, mask=mask), rtol=1e-5, atol=1e-5)
+    # nu2 is per example: masking example 1 leaves the others' outputs alone,
+    # and its own outputs stay finite (nu2 = 0 there).
+    rows = np.ones((x.shape[0], 1, 1, 1), bool)
+    rows[1] = False
+    y_rows = np.asarray(filter_response_norm(x, s, b, tau, mask=rows))
+    y_all = np.asarray(filter_response_norm(x, s, b, tau))
+    keep = rows[:, 0, 0, 0]  # equal up to the masked sum's rounding
+    np.testing.assert_allclose(y_rows[keep], y_all[keep], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(y_rows[1], ref_frn(x, s, b, tau, mask=rows)[1], rtol=1e-5)
+    assert np.isfinite(y_rows).all()

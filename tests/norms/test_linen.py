@@ -53,27 +53,28 @@ def test_make_errors_list_valid_names_and_fields():
     assert isinstance(L.make("frn", learned_eps=True, name="n"), L.FilterResponseNorm)
 
 
-def pure_call(name, x, p, state, train):
+def pure_call(name, x, p, state, train, mask=None):
     """The matching pure-function call for each module name (params p, state)."""
-    s, b = p.get("scale"), p.get("bias")
+    s, b, m = p.get("scale"), p.get("bias"), mask
     if name == "batch_norm":
-        return norms.batch_norm(x, state, s, b, train=train, momentum=0.9)
+        return norms.batch_norm(x, state, s, b, train=train, momentum=0.9, mask=m)
     if name == "batch_renorm":
-        return norms.batch_renorm(x, state, s, b, train=train, r_max=1.5, d_max=0.5)
+        return norms.batch_renorm(x, state, s, b, train=train, r_max=1.5, d_max=0.5, mask=m)
     if name == "switchable_norm":
-        return norms.switchable_norm(x, state, s, b, p["mean_logits"], p["var_logits"], train=train)
+        ml, vl = p["mean_logits"], p["var_logits"]
+        return norms.switchable_norm(x, state, s, b, ml, vl, train=train, mask=m)
     if name == "evonorm_b0":
-        return norms.evonorm_b0(x, state, s, b, p["v"], train=train)
+        return norms.evonorm_b0(x, state, s, b, p["v"], train=train, mask=m)
     if name == "group_norm":
-        return norms.group_norm(x, s, b, num_groups=8), None
+        return norms.group_norm(x, s, b, num_groups=8, mask=m), None
     if name == "layer_norm":
-        return norms.layer_norm(x, s, b), None
+        return norms.layer_norm(x, s, b, mask=m), None
     if name == "instance_norm":
-        return norms.instance_norm(x, s, b), None
+        return norms.instance_norm(x, s, b, mask=m), None
     if name == "frn":
-        return norms.filter_response_norm(x, s, b, p["tau"], learned_eps=p["eps"]), None
+        return norms.filter_response_norm(x, s, b, p["tau"], learned_eps=p["eps"], mask=m), None
     if name == "evonorm_s0":
-        return norms.evonorm_s0(x, s, b, p["v"], num_groups=8), None
+        return norms.evonorm_s0(x, s, b, p["v"], num_groups=8, mask=m), None
     return x, None
 
 
@@ -105,6 +106,32 @@ def test_modules_equal_their_pure_functions(name):
         if state is not None:
             for k in type(state)._fields:
                 np.testing.assert_allclose(upd["batch_stats"][k], getattr(rstate, k), rtol=1e-6)
+
+
+# Per-position mask (some spatial positions of some examples are padding).
+MASK = np.array([[1, 1, 0, 1], [1, 0, 1, 1], [1, 1, 1, 1], [0, 1, 1, 0]], bool).reshape(4, 2, 2, 1)
+
+
+@pytest.mark.parametrize("name", L.NORM_NAMES)
+def test_every_module_takes_mask_like_its_pure_function(name):
+    module = L.make(name, **MODULE_KWARGS.get(name, {}))
+    variables = module.init(jax.random.key(0), X, train=False, mask=MASK)
+    params = randomize(variables.get("params", {}))
+    full = {**variables, "params": params}
+    stats = variables.get("batch_stats")
+    state = None
+    if stats is not None:
+        cls = BatchRenormState if name == "batch_renorm" else BatchNormState
+        state = cls(*(stats[k] for k in cls._fields))
+    y, upd = module.apply(full, X, train=True, mask=MASK, mutable=["batch_stats"])
+    ry, rstate = pure_call(name, jnp.asarray(X), params, state, True, mask=MASK)
+    np.testing.assert_allclose(y, ry, rtol=1e-6, atol=1e-6)
+    if name != "none":  # the mask changes the output (it is not ignored)
+        unmasked = module.apply(full, X, train=True, mutable=["batch_stats"])[0]
+        assert not np.allclose(y, unmasked, rtol=1e-4, atol=1e-4)
+    if state is not None:
+        for k in type(state)._fields:
+            np.testing.assert_allclose(upd["batch_stats"][k], getattr(rstate, k), rtol=1e-6)
 
 
 def test_linen_batch_norm_matches_flax_over_steps():
@@ -198,3 +225,14 @@ def test_sync_layer_sowing_batch_moments_emits_one_collective(name):
     hlo = jax.pmap(fwd, axis_name="batch", in_axes=(None, 0)).lower(variables, x).as_text()
     ops = ("all_gather", "all_reduce", "reduce_scatter", "all_to_all")
     assert sum(hlo.count(f'stablehlo.{op}"') for op in ops) == 1
+
+
+def test_evonorm_b0_module_stores_the_unbiased_running_var():
+    module = L.make("evonorm_b0", unbiased_running_var=True, momentum=0.5)
+    variables = module.init(jax.random.key(0), X, train=False)
+    _, upd = module.apply(variables, X, train=True, mutable=["batch_stats"])
+    n = X.shape[0] * X.shape[1] * X.shape[2]
+    var_b = np.asarray(X, np.float64).var(axis=(0, 1, 2))
+    np.testing.assert_allclose(
+        upd["batch_stats"]["var"], 0.5 + 0.5 * var_b * n / (n - 1), rtol=1e-5
+    )

@@ -17,7 +17,7 @@ from norms import nnx as N
 from norms.batch_norm import BatchNormState
 from norms.batch_renorm import BatchRenormState
 from tests.norms.test_batch_norm import rand
-from tests.norms.test_linen import MODULE_KWARGS, STATEFUL, X, pure_call, randomize
+from tests.norms.test_linen import MASK, MODULE_KWARGS, STATEFUL, X, pure_call, randomize
 from tests.norms.test_sync_batch_norm import C, check_against_reference, make_data
 
 COT = rand(X.shape, 7)
@@ -84,6 +84,25 @@ def test_modules_equal_pure_functions_and_linen(name, train):
     ref_grads = ref(params)
     for k, g in as_dict(grads).items():
         np.testing.assert_allclose(g, ref_grads[k], rtol=1e-5, atol=1e-5, err_msg=k)
+
+
+@pytest.mark.parametrize("name", N.NORM_NAMES)
+def test_every_module_takes_mask_like_its_pure_function(name):
+    m = N.make(name, 32, rngs=nnx.Rngs(0), **MODULE_KWARGS.get(name, {}))
+    params = randomize(as_dict(nnx.state(m, nnx.Param)))
+    stats = as_dict(nnx.state(m, nnx.BatchStat)) or None
+    state = None
+    if stats is not None:
+        cls = BatchRenormState if name == "batch_renorm" else BatchNormState
+        state = cls(*(jnp.asarray(stats[k]) for k in cls._fields))
+    m = nnx_twin(name, params, stats)
+    y = m(X, train=True, mask=MASK)
+    ry, rstate = pure_call(name, jnp.asarray(X), params, state, True, mask=MASK)
+    np.testing.assert_allclose(y, ry, rtol=1e-6, atol=1e-6)
+    if state is not None:
+        new = as_dict(nnx.state(m, nnx.BatchStat))
+        for k in type(state)._fields:
+            np.testing.assert_allclose(new[k], getattr(rstate, k), rtol=1e-6, err_msg=k)
 
 
 def test_batch_norm_matches_flax_nnx_batch_norm_over_steps():
@@ -238,3 +257,11 @@ def test_flax_is_imported_only_by_the_two_module_files():
             if any(n == "flax" or n.startswith("flax.") for n in names):
                 importers.add(path.name)
     assert importers == {"linen.py", "nnx.py"}
+
+
+def test_evonorm_b0_module_stores_the_unbiased_running_var():
+    m = N.make("evonorm_b0", 32, rngs=nnx.Rngs(0), unbiased_running_var=True, momentum=0.5)
+    m(X)
+    n = X.shape[0] * X.shape[1] * X.shape[2]
+    var_b = np.asarray(X, np.float64).var(axis=(0, 1, 2))
+    np.testing.assert_allclose(m.var[...], 0.5 + 0.5 * var_b * n / (n - 1), rtol=1e-5)
