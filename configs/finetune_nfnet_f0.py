@@ -4,7 +4,7 @@ Convert the released weights once (see README, "Pretrained NFNets")::
 
     python -m nfnets.pretrained convert --from deepmind F0_haiku.npz --to nfnet_f0.safetensors
     python train.py --config configs/finetune_nfnet_f0.py --workdir runs/f0_cifar10 \\
-        --config.data_dir=~/tensorflow_datasets
+        --config.data_dir=DIR
 
 ``init_from`` also takes the original ``F0_haiku.npz`` or timm's
 ``model.safetensors`` directly. ``init_exclude=("head",)`` keeps the fresh

@@ -63,15 +63,21 @@ def exclude_patterns(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 
 def _checkpoint_item(path: str) -> str | None:
-    """The ``state`` item of the newest checkpoint under a workdir / checkpoints / step folder."""
+    """The ``state`` item of the newest checkpoint under a workdir / checkpoints / step folder.
+
+    Orbax writes a step into a temporary folder and renames it to the step number
+    when complete, so the numeric folders are the finished checkpoints.
+    """
     if os.path.isdir(os.path.join(path, "state")):
         return os.path.join(path, "state")
     if os.path.isdir(os.path.join(path, "checkpoints")):
         path = os.path.join(path, "checkpoints")
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-    with ocp.CheckpointManager(os.path.abspath(path), options=options) as manager:
-        step = manager.latest_step()
-    return None if step is None else os.path.join(path, str(step), "state")
+    steps = [
+        int(n)
+        for n in os.listdir(path)
+        if n.isdigit() and os.path.isdir(os.path.join(path, n, "state"))
+    ]
+    return os.path.join(path, str(max(steps)), "state") if steps else None
 
 
 def check_init_from(config: ml_collections.ConfigDict) -> None:
@@ -87,6 +93,7 @@ def check_init_from(config: ml_collections.ConfigDict) -> None:
         return
     if not isinstance(path, str):
         raise ConfigError(f"config.init_from={path!r}: give a path; {_FORMATS_HINT}")
+    path = os.path.expanduser(path)
     if not os.path.exists(path):
         raise ConfigError(f"config.init_from={path!r}: no such file or directory; {_FORMATS_HINT}")
     if os.path.isdir(path):
@@ -138,7 +145,7 @@ def init_from_pretrained(
     if not path:
         return state, None
     check_init_from(config)
-    exclude = exclude_patterns(config)
+    path, exclude = os.path.expanduser(path), exclude_patterns(config)
     fresh = model_variables(state.params, state.batch_stats)
     try:
         loaded = read_init_variables(path, model)

@@ -30,8 +30,8 @@ from nfnets.training import outputs
 from nfnets.training.augment import augment_from_config
 from nfnets.training.checkpoints import Checkpointer
 from nfnets.training.datasets import load_dataset
-from nfnets.training.init import check_init_from, init_from_pretrained
 from nfnets.training.evaluation import evaluate, make_pmapped_eval_step, make_precise_bn
+from nfnets.training.init import check_init_from, init_from_pretrained
 from nfnets.training.optim import make_optimizer
 from nfnets.training.pipeline import eval_iterator, prefetch, shard_for_pmap, train_iterator
 from nfnets.training.plan import ConfigError, make_plan

@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from configs import finetune_nfnet_f0
 from nfnets.pretrained import save
 from nfnets.registry import create_model
 from nfnets.training.init import exclude_patterns, init_from_pretrained
@@ -36,7 +37,7 @@ NFNET_KWARGS = dict(widths=(16, 32), depths=(1, 2), group_width=8, stem_width=8)
 def _file_params(model, channels: int, seed: int = 1) -> dict:
     """``{path: array}`` of ``model``'s init at ``seed``, every leaf + N(0, 0.2) noise."""
     x = jnp.zeros((1, 28, 28, channels))
-    variables = model.init(jax.random.key(seed), x, train=False)
+    variables = jax.jit(lambda k: model.init(k, x, train=False))(jax.random.key(seed))
     rng = np.random.default_rng(seed)
     flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables))
     return {
@@ -78,6 +79,14 @@ def deepmind_file(tmp_path_factory):
     return path, flat
 
 
+@pytest.fixture(scope="module")
+def nfnet_start(data_dir, deepmind_file, tmp_path_factory):
+    """``(trainer, fresh state)`` of the 1-channel, 10-class tiny NFNet run."""
+    config = _nfnet_config(data_dir, deepmind_file[0], ("head",))
+    trainer = Trainer(config, str(tmp_path_factory.mktemp("nfnet")))
+    return trainer, trainer.init_state()
+
+
 def _loaded_state(config, workdir):
     """The loop's start: a fresh state, then ``init_from_pretrained`` (also the fresh one)."""
     trainer = Trainer(config, workdir)
@@ -86,11 +95,13 @@ def _loaded_state(config, workdir):
     return trainer, fresh, state, message
 
 
-def test_native_file_new_head_then_one_adamw_step(data_dir, tmp_path, native_file):
-    path, flat = native_file
+def test_native_file_new_head_one_adamw_step_resume_ignores_it(data_dir, tmp_path, native_file):
+    source, flat = native_file
+    path = tmp_path / "copy.safetensors"
+    path.write_bytes(open(source, "rb").read())
     config = tiny_nf_config(data_dir)
-    config.init_from, config.num_train_steps = path, 1
-    _, fresh, state, message = _loaded_state(config, str(tmp_path / "a"))
+    config.init_from, config.num_train_steps = str(path), 2
+    trainer, fresh, state, message = _loaded_state(config, str(tmp_path / "a"))
     assert message == f"initialised from {path}, kept fresh: head"
     got, new = _flat({"params": state.params}), _flat({"params": fresh.params})
     assert set(got) == set(flat)
@@ -104,10 +115,11 @@ def test_native_file_new_head_then_one_adamw_step(data_dir, tmp_path, native_fil
 
     # One AdamW step of the loop from there: Adam's bias-corrected first update is
     # m/sqrt(v) = g/|g| (|.| <= 1), so each leaf moves by at most lr * (1 + wd * |x|).
-    summary, final = run(config, str(tmp_path / "b"))
-    assert summary["steps"] == 1 and summary["skipped_steps"] == 0
+    workdir = str(tmp_path / "run")
+    first, after_one = run(config, workdir, stop_at_step=1)
+    assert first == {"interrupted": True, "steps": 1} and int(after_one.num_skipped) == 0
     lr, wd = config.learning_rate, config.weight_decay
-    out = _flat({"params": final.params})
+    out = _flat({"params": after_one.params})
     far = 0
     for p, array in flat.items():
         if p[1] == "head":
@@ -118,13 +130,27 @@ def test_native_file_new_head_then_one_adamw_step(data_dir, tmp_path, native_fil
         far += int(np.max(np.abs(new[p] - array)) > 3 * lr)
     assert far >= 0.75 * (len(flat) - 2)  # the file is far from the fresh init: this can fail
 
+    path.unlink()  # the resumed run must not read init_from again
+    summary, final = run(config, workdir)
+    assert summary["steps"] == 2 and summary["skipped_steps"] == 0
+    assert np.isfinite(summary["test_loss"])
 
-def test_deepmind_file_into_one_channel_nfnet_trains(data_dir, tmp_path, deepmind_file):
+    # The finished workdir as init_from: its last checkpoint, the head included.
+    again = tiny_nf_config(data_dir)
+    again.init_from, again.init_exclude = workdir, ()
+    state, _ = init_from_pretrained(fresh, trainer.model, trainer.tx, again)
+    got, want = _flat(state.params), _flat(final.params)
+    assert set(got) == set(want)
+    for p in want:
+        np.testing.assert_array_equal(got[p], want[p], err_msg=str(p))
+
+
+def test_deepmind_file_into_one_channel_nfnet(data_dir, deepmind_file, nfnet_start):
     path, flat = deepmind_file
     config = _nfnet_config(data_dir, path, ("head,stem_conv0/kernel",))
-    config.num_train_steps = 2
     assert exclude_patterns(config) == ("head", "stem_conv0/kernel")
-    _, fresh, state, _ = _loaded_state(config, str(tmp_path / "a"))
+    trainer, fresh = nfnet_start
+    state, _ = init_from_pretrained(fresh, trainer.model, trainer.tx, config)
     got, new = _flat({"params": state.params}), _flat({"params": fresh.params})
     kept = {("params", "head", "kernel"), ("params", "head", "bias"),
             ("params", "stem_conv0", "kernel")}  # fmt: skip
@@ -134,15 +160,12 @@ def test_deepmind_file_into_one_channel_nfnet_trains(data_dir, tmp_path, deepmin
         else:
             np.testing.assert_array_equal(got[p], array, err_msg=str(p))
     assert got["params", "stem_conv0", "kernel"].shape == (3, 3, 1, 16)
-    assert got["params", "head", "bias"].shape == (10,)
-
-    summary, final = run(config, str(tmp_path / "b"))
-    assert summary["steps"] == 2 and summary["skipped_steps"] == 0
-    assert np.isfinite(summary["test_loss"])
-    assert final.params["head"]["kernel"].shape == (64, 10)
+    assert got["params", "head", "kernel"].shape == (64, 10)
 
 
-def test_mismatched_shapes_name_the_leaves_and_init_exclude(data_dir, tmp_path, deepmind_file):
+def test_mismatched_shapes_name_the_leaves_and_init_exclude(
+    data_dir, tmp_path, deepmind_file, nfnet_start
+):
     path, _ = deepmind_file
     config = _nfnet_config(data_dir, path, ("head",))
     with pytest.raises(ConfigError) as err:
@@ -153,13 +176,14 @@ def test_mismatched_shapes_name_the_leaves_and_init_exclude(data_dir, tmp_path, 
     assert "--config.init_exclude" in message
     assert not os.listdir(tmp_path / "a" / "checkpoints")  # nothing trained
 
+    trainer, fresh = nfnet_start  # the same checks the loop runs, without rebuilding it
     config.init_exclude = ("head", "hed")
     with pytest.raises(ConfigError, match=r"config.init_exclude=\('head', 'hed'\).*\['hed'\]"):
-        run(config, str(tmp_path / "b"))
-    nf_resnet = tiny_nf_config(data_dir)
-    nf_resnet.init_from = path
+        init_from_pretrained(fresh, trainer.model, trainer.tx, config)
+    config.init_exclude = ("head",)
+    nf_resnet = create_model("nf_resnet26_small", num_classes=10)
     with pytest.raises(ConfigError, match="exist only for NFNets") as err:
-        run(nf_resnet, str(tmp_path / "c"))
+        init_from_pretrained(fresh, nf_resnet, trainer.tx, config)
     assert "\n" not in str(err.value)
 
 
@@ -178,8 +202,9 @@ def test_missing_file_fails_before_the_data_loads(tmp_path):
 
 
 def test_train_py_prints_one_line(data_dir, tmp_path):
+    missing = tmp_path / "none.npz"
     cmd = [sys.executable, "train.py", "--workdir", str(tmp_path / "run"),
-           f"--config.data_dir={data_dir}", f"--config.init_from={tmp_path / 'none.npz'}"]  # fmt: skip
+           f"--config.data_dir={data_dir}", f"--config.init_from={missing}"]  # fmt: skip
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
@@ -188,23 +213,25 @@ def test_train_py_prints_one_line(data_dir, tmp_path):
     assert "Traceback" not in out.stderr and "no such file" in lines[-1]
 
 
-def test_resume_ignores_init_from_then_workdir_as_init(data_dir, tmp_path, native_file):
-    path, _ = native_file
-    copy = tmp_path / "copy.safetensors"
-    copy.write_bytes(open(path, "rb").read())
-    config = tiny_nf_config(data_dir)
-    config.init_from, config.num_train_steps = str(copy), 2
-    workdir = str(tmp_path / "run")
-    assert run(config, workdir, stop_at_step=1)[0] == {"interrupted": True, "steps": 1}
-    copy.unlink()  # a resumed run must not read it again
-    summary, final = run(config, workdir)
-    assert summary["steps"] == 2
+def test_finetune_config_and_f0_feature_sizes_at_32px():
+    """The documented sizes: at 32x32 F0's stages see 8, 4, 2, 1 pixels; 32 is the minimum."""
+    config = finetune_nfnet_f0.get_config()
+    assert (config.model, config.dataset, config.init_exclude) == ("nfnet_f0", "cifar10", ("head",))
+    assert config.init_from.endswith(".safetensors")
+    model = create_model("nfnet_f0", num_classes=10)
+    assert model.min_image_size == 32
 
-    # The finished workdir as init_from: its last checkpoint, the head included.
-    again = tiny_nf_config(data_dir)
-    again.init_from, again.init_exclude = workdir, ()
-    _, _, state, _ = _loaded_state(again, str(tmp_path / "next"))
-    got, want = _flat(state.params), _flat(final.params)
-    assert set(got) == set(want)
-    for p in want:
-        np.testing.assert_array_equal(got[p], want[p], err_msg=str(p))
+    def sizes(size):
+        init = lambda: model.init_with_output(
+            jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False,
+            capture_intermediates=True,
+        )  # fmt: skip
+        inter = jax.eval_shape(init)[1]["intermediates"]
+        names = ("stem_conv0", "stage0_block0", "stage1_block0", "stage2_block0",
+                 "stage3_block2", "final_conv")  # fmt: skip
+        return [jax.tree.leaves(inter[n])[0].shape[1] for n in names]
+
+    assert sizes(32) == [16, 8, 4, 2, 1, 1]
+    assert sizes(192) == [96, 48, 24, 12, 6, 6]
+    with pytest.raises(ValueError, match="minimum image size is 32x32"):
+        sizes(28)
