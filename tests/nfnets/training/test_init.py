@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+import safetensors.numpy
 
 from configs import finetune_nfnet_f0
 from nfnets.pretrained import save
@@ -27,7 +28,7 @@ from nfnets.registry import create_model
 from nfnets.training.init import exclude_patterns, init_from_pretrained
 from nfnets.training.loop import Trainer, run
 from nfnets.training.plan import ConfigError
-from tests.nfnets.test_pretrained import _to_deepmind
+from tests.nfnets.test_pretrained import _to_deepmind, _to_timm
 from tests.nfnets.training.tiny_config import tiny_nf_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
@@ -71,11 +72,13 @@ def native_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def deepmind_file(tmp_path_factory):
-    """A 5-class, 3-channel tiny NFNet, pickled as DeepMind's haiku dict."""
+    """A 5-class, 3-channel tiny NFNet, pickled as DeepMind's haiku dict (and timm's file)."""
     flat = _file_params(create_model("nfnet_f0", num_classes=5, **NFNET_KWARGS), channels=3)
-    path = str(tmp_path_factory.mktemp("dm") / "tiny_haiku.npz")
+    root = tmp_path_factory.mktemp("dm")
+    path = str(root / "tiny_haiku.npz")
     with open(path, "wb") as f:
         pickle.dump(_to_deepmind(flat), f, protocol=4)
+    safetensors.numpy.save_file(_to_timm(flat), str(root / "model.safetensors"))
     return path, flat
 
 
@@ -145,8 +148,10 @@ def test_native_file_new_head_one_adamw_step_resume_ignores_it(data_dir, tmp_pat
         np.testing.assert_array_equal(got[p], want[p], err_msg=str(p))
 
 
-def test_deepmind_file_into_one_channel_nfnet(data_dir, deepmind_file, nfnet_start):
+@pytest.mark.parametrize("name", ["tiny_haiku.npz", "model.safetensors"])
+def test_deepmind_and_timm_files_into_one_channel_nfnet(name, data_dir, deepmind_file, nfnet_start):
     path, flat = deepmind_file
+    path = os.path.join(os.path.dirname(path), name)
     config = _nfnet_config(data_dir, path, ("head,stem_conv0/kernel",))
     assert exclude_patterns(config) == ("head", "stem_conv0/kernel")
     trainer, fresh = nfnet_start
