@@ -42,6 +42,11 @@ Keys (all read by ``nfnets.training.train``; the optimizer keys by
 - ``log_every_steps``, ``eval_every_steps`` (0 = only at the end),
   ``checkpoint_every_steps`` (0 = only at the end and on SIGTERM/SIGINT),
   ``keep_checkpoints``, ``progress_bar``, ``tensorboard``.
+- fine-tuning (see nfnets/training/init.py): ``init_from`` ("" = random init): a
+  DeepMind ``F*_haiku.npz``, timm ``model.safetensors``, a file of
+  ``nfnets.pretrained.save`` or a training workdir; ``init_exclude``: path
+  prefixes that keep the fresh init (default ("head",): a new classifier).
+  Ignored when the workdir has a checkpoint (resume wins).
 - ``distributed``: ``initialize`` (call jax.distributed.initialize; also when the
   environment sets JAX_COORDINATOR_ADDRESS), ``coordinator_address``,
   ``num_processes``, ``process_id`` ("" / -1 = auto-detect), ``cpu_collectives``
@@ -99,6 +104,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.label_smoothing = 0.0
     c.ema = "none"
     c.precise_bn_batches = 0
+
+    # Fine-tuning (nfnets.training.init).
+    c.init_from = ""
+    c.init_exclude = ("head",)
 
     # Outputs.
     c.log_every_steps = 50

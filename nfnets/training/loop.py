@@ -31,6 +31,7 @@ from nfnets.training.checkpoints import Checkpointer
 from nfnets.training.datasets import load_dataset
 from nfnets.training.evaluation import evaluate, make_pmapped_eval_step, make_precise_bn
 from nfnets.training.grain_pipeline import make_train_iterator
+from nfnets.training.init import check_init_from, init_from_pretrained
 from nfnets.training.optim import make_optimizer
 from nfnets.training.pipeline import eval_iterator, prefetch, shard_for_pmap
 from nfnets.training.plan import ConfigError, make_plan
@@ -220,18 +221,25 @@ def run(
     """
     maybe_initialize_distributed(config)
     os.makedirs(workdir, exist_ok=True)
-    trainer = Trainer(config, workdir)
     ckpt = Checkpointer(
         os.path.join(os.path.abspath(workdir), "checkpoints"),
         max_to_keep=config.keep_checkpoints,
         save_every_steps=config.checkpoint_every_steps,
     )
-    state, prior_time = trainer.init_state(), 0.0
-    if ckpt.latest_step() is not None:
+    resuming = ckpt.latest_step() is not None
+    if not resuming:
+        check_init_from(config)  # before the data loads; a resumed run never reads it
+    trainer = Trainer(config, workdir)
+    state, prior_time, init_message = trainer.init_state(), 0.0, None
+    if resuming:
         state, meta = ckpt.restore(state)
         prior_time = float(meta.get("train_time_s", 0.0))
+    else:
+        state, init_message = init_from_pretrained(state, trainer.model, trainer.tx, config)
     start_step = int(state.step)
     writer, bar = _open_outputs(trainer, start_step, ckpt)
+    if init_message and trainer.is_writer:
+        actions_lib.say(bar, init_message)
     run_state = actions_lib.RunState(
         p_state=replicate(state, trainer.plan.local_devices),
         step=start_step,
