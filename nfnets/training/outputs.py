@@ -21,26 +21,64 @@ CURVES_FILE = "training_curves.png"
 SUMMARY_KEYS = ("test_accuracy", "test_loss", "steps", "wall_time_s", "images_per_sec")
 
 
+class MetricsFileError(ValueError):
+    """metrics.jsonl holds a line that is not JSON (other than a torn last line)."""
+
+
+def _parse_metrics(path: str) -> tuple[list[dict], bool]:
+    """``(records, torn)``: ``torn`` when the last line was cut off mid-write (it is left out).
+
+    A crash while writing leaves a last line without its newline; any other line
+    that is not JSON raises ``MetricsFileError`` naming the file, the line and the fix.
+    """
+    with open(path) as f:
+        text = f.read()
+    lines = text.split("\n")
+    records, torn = [], False
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number == len(lines) and not text.endswith("\n"):
+                torn = True  # the last write was interrupted
+                continue
+            raise MetricsFileError(
+                f"{path}: line {number} is not JSON ({e.msg}); delete that line (or the "
+                "file, losing the earlier curves) and rerun"
+            ) from None
+    return records, torn
+
+
 def read_metrics(workdir: str) -> list[dict]:
-    """All records of ``workdir/metrics.jsonl`` in file order ([] when absent)."""
+    """All records of ``workdir/metrics.jsonl`` in file order ([] when absent).
+
+    A torn last line (a crash mid-write) is left out; any other bad line raises
+    ``MetricsFileError``.
+    """
     path = os.path.join(workdir, METRICS_FILE)
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return _parse_metrics(path)[0]
 
 
-def truncate_metrics(workdir: str, last_step: int) -> None:
+def truncate_metrics(workdir: str, last_step: int) -> str | None:
     """Drops records with ``step > last_step`` (written after the checkpoint a run resumes from).
 
     So a resumed run's metrics.jsonl is the same as an uninterrupted run's, without
-    duplicated steps.
+    duplicated steps. A torn last line is dropped too; returns a message saying so
+    (None when there was none).
     """
     path = os.path.join(workdir, METRICS_FILE)
-    records = [r for r in read_metrics(workdir) if r["step"] <= last_step]
+    records, torn = _parse_metrics(path) if os.path.exists(path) else ([], False)
+    records = [r for r in records if r["step"] <= last_step]
     with open(path, "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
+    if torn:
+        return f"{path}: dropped a torn last line (the previous run stopped mid-write)"
+    return None
 
 
 class MetricsWriter:
@@ -57,17 +95,22 @@ class MetricsWriter:
             self._tb = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, record: dict[str, float]) -> None:
-        """Writes ``{"step": step, **record}``; non-finite floats are stored as null in JSON."""
+        """Writes ``{"step": step, **record}``; a None or non-finite value is stored as null
+        in JSON and left out of TensorBoard. Both files are flushed."""
         clean = {}
         for k, v in record.items():
+            v = float("nan") if v is None else v
             v = float(v) if not isinstance(v, str) else v
             clean[k] = v if isinstance(v, str) or math.isfinite(v) else None
         self._file.write(json.dumps({"step": int(step), **clean}) + "\n")
         self._file.flush()
         if self._tb is not None:
-            for k, v in record.items():
-                if not isinstance(v, str):
-                    self._tb.add_scalar(k, float(v), int(step))
+            for k, v in clean.items():
+                if v is not None and not isinstance(v, str):  # no number: no point
+                    self._tb.add_scalar(k, v, int(step))
+            # tensorboardX buffers events for up to flush_secs (120 s): a killed run
+            # would lose them, so they are flushed with each metrics line.
+            self._tb.flush()
 
     def close(self) -> None:
         self._file.close()
@@ -123,14 +166,28 @@ class ProgressBar:
         self._bar.close()
 
 
+def strict_json(value):
+    """``value`` with every non-finite float replaced by None (strict JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def write_summary(workdir: str, summary: dict) -> str:
-    """Writes ``workdir/summary.json``; it must hold every key of ``SUMMARY_KEYS``."""
+    """Writes ``workdir/summary.json`` as strict JSON (null where there is no number).
+
+    It must hold every key of ``SUMMARY_KEYS`` (their value may be None).
+    """
     missing = [k for k in SUMMARY_KEYS if k not in summary]
     if missing:
         raise ValueError(f"summary is missing keys {missing}; it needs {list(SUMMARY_KEYS)}")
     path = os.path.join(workdir, SUMMARY_FILE)
     with open(path, "w") as f:
-        json.dump(summary, f, indent=2, sort_keys=True)
+        json.dump(strict_json(summary), f, indent=2, sort_keys=True, allow_nan=False)
         f.write("\n")
     return path
 
