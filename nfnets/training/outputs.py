@@ -13,6 +13,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Iterable
 
 METRICS_FILE = "metrics.jsonl"
@@ -81,6 +82,38 @@ def truncate_metrics(workdir: str, last_step: int) -> str | None:
     return None
 
 
+class TensorBoardScalars:
+    """Scalars appended to a TensorBoard event file in ``logdir`` and flushed at once.
+
+    tensorboardX's ``SummaryWriter`` hands events to a background thread that writes
+    them every ``flush_secs`` (and its ``flush`` does not wait for that thread), so a
+    killed run lost its events. This writes them synchronously through tensorboardX's
+    own ``EventsWriter`` and ``summary.scalar``, so the event file holds at least
+    what metrics.jsonl holds.
+    """
+
+    def __init__(self, logdir: str):
+        from tensorboardX.event_file_writer import EventsWriter
+
+        os.makedirs(logdir, exist_ok=True)
+        self._writer = EventsWriter(os.path.join(logdir, "events"))
+        self._writer.flush()
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        """One scalar event per key at ``step``, then a flush to disk."""
+        from tensorboardX.proto import event_pb2
+        from tensorboardX.summary import scalar
+
+        for tag, value in values.items():
+            summary = scalar(tag, float(value))
+            event = event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary)
+            self._writer.write_event(event)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
 class MetricsWriter:
     """Appends records to ``metrics.jsonl`` and TensorBoard event files in ``workdir``."""
 
@@ -88,11 +121,7 @@ class MetricsWriter:
         os.makedirs(workdir, exist_ok=True)
         self.workdir = workdir
         self._file = open(os.path.join(workdir, METRICS_FILE), "a")  # noqa: SIM115
-        self._tb = None
-        if tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
+        self._tb = TensorBoardScalars(os.path.join(workdir, "tensorboard")) if tensorboard else None
 
     def write(self, step: int, record: dict[str, float]) -> None:
         """Writes ``{"step": step, **record}``; a None or non-finite value is stored as null
@@ -105,12 +134,9 @@ class MetricsWriter:
         self._file.write(json.dumps({"step": int(step), **clean}) + "\n")
         self._file.flush()
         if self._tb is not None:
-            for k, v in clean.items():
-                if v is not None and not isinstance(v, str):  # no number: no point
-                    self._tb.add_scalar(k, v, int(step))
-            # tensorboardX buffers events for up to flush_secs (120 s): a killed run
-            # would lose them, so they are flushed with each metrics line.
-            self._tb.flush()
+            self._tb.write(
+                step, {k: v for k, v in clean.items() if v is not None and not isinstance(v, str)}
+            )
 
     def close(self) -> None:
         self._file.close()
