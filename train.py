@@ -81,6 +81,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
         )
     argv, norm_overrides = split_norm_overrides(argv)
     _NORM_OVERRIDES.update(norm_overrides)
+    # config_flags also scans sys.argv for --config.* keys: hide these there too.
+    sys.argv[:] = split_norm_overrides(sys.argv)[0]
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:

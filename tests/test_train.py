@@ -180,6 +180,7 @@ def test_corrupt_data_is_one_line(tmp_path):
 @pytest.mark.slow
 def test_diverged_run_exits_non_zero_with_the_advice(data_dir, tmp_path):
     extra = ["--config.learning_rate=1e4", "--config.max_consecutive_skipped_steps=2"]
+    extra.append("--config.progress_bar=False")  # the bar writes to stderr too
     out = subprocess.run(
         _cmd(tmp_path / "run", data_dir, "--config.num_epochs=4", *extra),
         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300, check=False,
