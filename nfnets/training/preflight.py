@@ -12,6 +12,7 @@ with ``extend``) fails in one line that lists the keys. Both raise ``ConfigError
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -141,10 +142,12 @@ def clear_outputs(workdir: str) -> list[str]:
     removed = []
     for name in OUTPUT_NAMES:
         path = os.path.join(workdir, name)
+        # Tolerant of files vanishing meanwhile: every process of a multi-host run clears.
         if os.path.isdir(path):
-            shutil.rmtree(path)
+            shutil.rmtree(path, ignore_errors=True)
         elif os.path.exists(path):
-            os.remove(path)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
         else:
             continue
         removed.append(name)
