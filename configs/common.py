@@ -47,6 +47,10 @@ Keys (all read by ``nfnets.training.train``; the optimizer keys by
   ``nfnets.pretrained.save`` or a training workdir; ``init_exclude``: path
   prefixes that keep the fresh init (default ("head",): a new classifier).
   Ignored when the workdir has a checkpoint (resume wins).
+- ``max_consecutive_skipped_steps``: a run that skips this many steps in a row
+  (non-finite loss or gradients) has diverged: it stops with "diverged at step N",
+  keeps its last good checkpoint and exits non-zero (0 = never stop; a non-finite
+  test loss also stops it). See nfnets/training/health.py.
 - ``distributed``: ``initialize`` (call jax.distributed.initialize; also when the
   environment sets JAX_COORDINATOR_ADDRESS), ``coordinator_address``,
   ``num_processes``, ``process_id`` ("" / -1 = auto-detect), ``cpu_collectives``
@@ -116,6 +120,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 2
     c.progress_bar = True
     c.tensorboard = True
+
+    # Divergence: stop after this many skipped (non-finite) steps in a row; 0 = never.
+    # Isolated skips are normal; 50 in a row means no finite step is left to take.
+    c.max_consecutive_skipped_steps = 50
 
     c.distributed = ml_collections.ConfigDict(
         {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -110,3 +111,84 @@ def test_indivisible_batch_and_missing_data_name_the_fix(data_dir, tmp_path):
     )  # fmt: skip
     assert out.returncode != 0
     assert "--config.data_dir" in out.stderr and "Traceback" not in out.stderr
+
+
+def _one_line_error(out) -> str:
+    """The stderr of a failed run: exactly one line, no traceback."""
+    assert out.returncode != 0, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip() and "WARNING" not in ln]
+    assert len(lines) == 1, out.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--config.learning_rate=-0.1"], "learning_rate"),
+        (["--config.optimizer=adamm"], "unknown optimizer 'adamm'"),
+        (["--config.batch_size=128"], "config.batch_size=128"),  # found after reading data
+        (["--config.max_consecutive_skipped_steps=-2"], "max_consecutive_skipped_steps"),
+        (["--config.model_kwargs.norm_kwargs.num_groups=3"], "cannot be built"),
+    ],
+)
+def test_user_errors_are_one_line(data_dir, tmp_path, extra, expected):
+    workdir = tmp_path / "run"
+    cmd = _cmd(workdir, data_dir, *extra)
+    if "norm_kwargs" in extra[0]:  # group norm with 3 groups on 8 / 16 channels
+        cmd[cmd.index("configs/default.py")] = "configs/fashion_mnist_gn.py"
+    out = subprocess.run(
+        cmd,
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+    line = _one_line_error(out)
+    assert line.startswith("train.py: error: ") and expected in line
+    if "batch_size" not in expected:
+        assert not workdir.exists()  # checked before the workdir was created
+
+
+def test_missing_config_file_and_unwritable_workdir_are_one_line(data_dir, tmp_path):
+    out = subprocess.run(
+        [sys.executable, "train.py", "--config", "configs/nope.py", "--workdir", str(tmp_path)],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+    assert "--config configs/nope.py: no such file" in _one_line_error(out)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    out = subprocess.run(
+        _cmd(blocker / "run", data_dir),
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+    assert "cannot create it" in _one_line_error(out)
+
+
+def test_corrupt_data_is_one_line(tmp_path):
+    data = tmp_path / "data"
+    fake_data(data)
+    path = data / "t10k-images-idx3-ubyte.gz"
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2 : len(raw) // 2 + 32] = bytes(range(32))
+    path.write_bytes(bytes(raw))
+    out = subprocess.run(
+        _cmd(tmp_path / "run", data),
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+    line = _one_line_error(out)
+    assert str(path) in line and "restore it" in line
+
+
+@pytest.mark.slow
+def test_diverged_run_exits_non_zero_with_the_advice(data_dir, tmp_path):
+    extra = ["--config.learning_rate=1e4", "--config.max_consecutive_skipped_steps=2"]
+    extra.append("--config.progress_bar=False")  # the bar writes to stderr too
+    out = subprocess.run(
+        _cmd(tmp_path / "run", data_dir, "--config.num_epochs=4", *extra),
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    line = _one_line_error(out)
+    assert re.fullmatch(
+        r"train\.py: error: diverged at step \d+ \(.*\); lower learning_rate or enable agc_clip",
+        line,
+    )
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["diverged"] is True

@@ -4,7 +4,9 @@
 ``pipeline`` (iterators, sharding, prefetch) -> ``augment`` -> ``step`` (train
 state, train step; ``losses``, ``optim``) -> ``evaluation`` -> ``checkpoints`` /
 ``outputs`` (metrics, TensorBoard, progress, plots, summary), driven by ``loop``
-and its periodic ``actions``. ``train(config, workdir)`` is the entry point.
+and its periodic ``actions``; ``preflight`` checks the config and the workdir
+before anything is read or written, ``health`` decides when a run diverged.
+``train(config, workdir)`` is the entry point.
 """
 
 from nfnets.training.loop import Trainer, maybe_initialize_distributed, run, train

@@ -6,15 +6,18 @@ steps. In order: :class:`LogMetrics` (read and reset the metric sums, write a
 record), :class:`ShowProgress` (the console bar), :class:`PeriodicEvaluation`,
 :class:`PeriodicCheckpoint` (orbax's save-interval policy) and
 :class:`StopOnSignal` (SIGTERM/SIGINT or ``stop_at_step``: checkpoint, then end
-the loop). Every action that reads the model first merges the running statistics
-across devices, and the metric sums live in the checkpointed state, so a resumed
-run repeats an uninterrupted one exactly.
+the loop) and :class:`StopOnDivergence` (see :mod:`nfnets.training.health`: end
+the loop without a checkpoint, so the last good one is kept). Every action that
+reads the model first merges the running statistics across devices, and the
+metric sums live in the checkpointed state, so a resumed run repeats an
+uninterrupted one exactly.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import signal
 import time
 from typing import Any
@@ -22,6 +25,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from nfnets.training import health
 from nfnets.training.checkpoints import Checkpointer
 from nfnets.training.outputs import MetricsWriter, ProgressBar
 from nfnets.training.step import TrainState, replicate, unreplicate, zero_metric_sums
@@ -39,6 +43,7 @@ class RunState:
       t0: ``time.perf_counter()`` when this process's loop started.
       info: the last logged ``loss``, ``accuracy`` and ``images_per_sec`` (for the bar).
       interrupted: set by :class:`StopOnSignal`; the loop ends after this step.
+      diverged: ``(step, reason)`` once the run diverged (the loop ends after this step).
     """
 
     p_state: TrainState
@@ -48,6 +53,7 @@ class RunState:
     t0: float
     info: dict[str, float] = dataclasses.field(default_factory=dict)
     interrupted: bool = False
+    diverged: tuple[int, str] | None = None
 
     def train_time(self) -> float:
         """Seconds in the training loop, summed over resumed runs."""
@@ -93,16 +99,17 @@ class LogMetrics:
         sums = unreplicate(run.p_state.metric_sums)
         run.p_state = run.p_state.replace(metric_sums=replicate(zero_metric_sums()))
         now = time.perf_counter()
-        good = max(int(sums["steps"]), 1)
+        good = int(sums["steps"])
         images = (step - self.last_step) * self.trainer.config.batch_size
+        # An interval whose steps were all skipped has no loss: NaN (null in JSON), never 0.
         run.info = {
-            "loss": float(sums["loss"]) / good,
-            "accuracy": float(sums["accuracy"]) / good,
+            "loss": float(sums["loss"]) / good if good else math.nan,
+            "accuracy": float(sums["accuracy"]) / good if good else math.nan,
             "images_per_sec": images / (now - self.last_t),
         }
         skipped = int(sums["skipped"])
-        if skipped and self.bar:
-            self.bar.message(f"step {step}: skipped {skipped} non-finite step(s)")
+        if skipped and self.trainer.is_writer:
+            say(self.bar, f"step {step}: skipped {skipped} non-finite step(s)")
         self.last_t, self.last_step = now, step
         if self.writer:
             self.writer.write(
@@ -142,16 +149,20 @@ class PeriodicEvaluation:
         results = self.trainer.eval_all(run.p_state)
         if self.writer:
             self.writer.write(run.step, {k: v for k, v in results.items() if k != "test_count"})
+        reason = health.eval_reason(results)
+        if reason and run.diverged is None:
+            run.diverged = (run.step, reason)
 
 
 class PeriodicCheckpoint:
-    """At the steps orbax's save-interval policy picks (``Checkpointer.should_save``)."""
+    """At the steps orbax's save-interval policy picks (``Checkpointer.should_save``);
+    never once the run diverged (the last checkpoint stays the last good state)."""
 
     def __init__(self, trainer, ckpt: Checkpointer):
         self.trainer, self.ckpt = trainer, ckpt
 
     def __call__(self, run: RunState) -> None:
-        if self.ckpt.should_save(run.step):
+        if run.diverged is None and self.ckpt.should_save(run.step):
             save_checkpoint(self.trainer, self.ckpt, run)
 
 
@@ -186,11 +197,34 @@ class StopOnSignal:
     def __call__(self, run: RunState) -> None:
         if self.stop_at_step is not None and run.step == self.stop_at_step:
             self.signum = signal.SIGTERM
-        if self.signum is None or run.step >= self.trainer.plan.total_steps:
+        if self.signum is None or run.diverged or run.step >= self.trainer.plan.total_steps:
             return
         save_checkpoint(self.trainer, self.ckpt, run)
         say(self.bar, f"signal {self.signum}: saved checkpoint at step {run.step}; rerun to resume")
         run.interrupted = True
+
+
+class StopOnDivergence:
+    """Ends a run whose longest streak of skipped steps reached the configured limit.
+
+    Reads one counter every ``min(log_every_steps, max_consecutive_skipped_steps)``
+    steps and at the last step (the state tracks the longest streak, so no streak
+    is missed between reads). Saves nothing: the last checkpoint is the last good one.
+    """
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.limit = int(trainer.config.max_consecutive_skipped_steps)
+        self.every = min(self.limit, trainer.config.log_every_steps) if self.limit else 0
+
+    def __call__(self, run: RunState) -> None:
+        last = run.step == self.trainer.plan.total_steps
+        if not self.every or run.diverged or (run.step % self.every and not last):
+            return
+        longest = int(unreplicate(run.p_state.longest_skip_streak))
+        reason = health.streak_reason(longest, self.limit)
+        if reason:
+            run.diverged = (run.step, reason)
 
 
 def wait(run: RunState) -> float:

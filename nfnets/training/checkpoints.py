@@ -104,6 +104,17 @@ class Checkpointer:
         )
         return restored.state, dict(restored.meta)
 
+    def read_meta(self, step: int | None = None) -> dict | None:
+        """The JSON ``meta`` of the checkpoint at ``step`` (default: latest) without the
+        state, or None when there is no checkpoint."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            return None
+        restored = self._manager.restore(
+            int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+        )
+        return dict(restored.meta)
+
     def close(self) -> None:
         """Waits for pending writes and releases the manager."""
         self._manager.wait_until_finished()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import os
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,17 @@ FASHION_MNIST_FILES = {
 
 class DatasetNotFoundError(FileNotFoundError):
     """A dataset is not prepared where we looked; the message says how to prepare it."""
+
+
+class DataError(ValueError):
+    """A data file is corrupt or inconsistent; the message names the file and the fix."""
+
+
+# How to get a damaged Fashion-MNIST file back (named in every IDX error).
+RESTORE_HINT = (
+    "restore it: `sudo apt-get install --reinstall dataset-fashion-mnist`, or download it "
+    "again from https://github.com/zalandoresearch/fashion-mnist"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,7 +225,23 @@ def _find_fashion_mnist_idx(data_dir) -> Path | None:
         candidates = [data_dir, data_dir / "fashion-mnist", data_dir / "fashion_mnist"]
     else:
         candidates = [FASHION_MNIST_SYSTEM_DIR]
-    return next((d for d in candidates if _has_fashion_mnist(d)), None)
+    found = next((d for d in candidates if _has_fashion_mnist(d)), None)
+    if found is None:
+        _raise_if_partial(candidates)
+    return found
+
+
+def _raise_if_partial(directories: list[Path]) -> None:
+    """A folder holding some but not all of the four IDX files: name the missing ones."""
+    stems = [s for pair in FASHION_MNIST_FILES.values() for s in pair]
+    for d in directories:
+        missing = [s for s in stems if _idx_file(d, s) is None]
+        if 0 < len(missing) < len(stems):
+            raise DatasetNotFoundError(
+                f"{d} holds only some Fashion-MNIST IDX files; missing: "
+                f"{', '.join(f'{m}.gz' for m in missing)} (or without .gz). Copy them there "
+                f"from the same download, or {RESTORE_HINT}."
+            )
 
 
 def _load_fashion_mnist_idx(directory: Path, split: str) -> ArrayDataset:
@@ -223,13 +251,13 @@ def _load_fashion_mnist_idx(directory: Path, split: str) -> ArrayDataset:
     images = read_idx(image_path, expected_magic=idx_magic(np.uint8, 3))
     labels = read_idx(label_path, expected_magic=idx_magic(np.uint8, 1))
     if images.shape[1:] != spec.image_shape[:2]:
-        raise ValueError(f"{image_path}: images of shape {images.shape[1:]}, expected (28, 28).")
+        raise DataError(f"{image_path}: images of shape {images.shape[1:]}, expected (28, 28).")
     if len(images) != len(labels):
-        raise ValueError(
+        raise DataError(
             f"{image_path} holds {len(images)} images but {label_path} holds {len(labels)} labels."
         )
     if len(labels) and labels.max() >= spec.num_classes:
-        raise ValueError(f"{label_path}: label {labels.max()} >= {spec.num_classes} classes.")
+        raise DataError(f"{label_path}: label {labels.max()} >= {spec.num_classes} classes.")
     return ArrayDataset(
         images[..., None], labels.astype(np.int32), _info(spec, split, len(labels), str(directory))
     )
@@ -338,38 +366,41 @@ def read_idx(path: str | os.PathLike, *, expected_magic: int | None = None) -> n
 
     Validates the header (two zero bytes, a known dtype byte, at least one
     dimension), `expected_magic` when given, and that the data size matches the
-    header exactly. Every failure raises `ValueError` naming the file.
+    header exactly. Every failure raises `DataError` (a ValueError) naming the file;
+    an unreadable file (e.g. corrupt gzip data) also says how to restore it.
     """
     path = Path(path)
     try:
         with _open(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
-        raise ValueError(f"{path}: cannot read IDX file ({e}).") from e
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise DataError(
+            f"{path}: cannot read IDX file ({e}); the file is damaged, {RESTORE_HINT}."
+        ) from None
     if len(raw) < 4:
-        raise ValueError(f"{path}: {len(raw)} bytes is too short for an IDX header (4 bytes).")
+        raise DataError(f"{path}: {len(raw)} bytes is too short for an IDX header (4 bytes).")
     magic = int.from_bytes(raw[:4], "big")
     zeros, code, ndim = raw[:2], raw[2], raw[3]
     if zeros != b"\x00\x00" or code not in IDX_DTYPES or ndim == 0:
-        raise ValueError(
+        raise DataError(
             f"{path}: bad IDX magic number {magic} (0x{magic:08x}); expected two zero bytes, a "
             f"dtype byte in {[hex(c) for c in IDX_DTYPES]} and ndim >= 1. Not an IDX file, or "
             "a gzipped file without the .gz suffix."
         )
     if expected_magic is not None and magic != expected_magic:
-        raise ValueError(
+        raise DataError(
             f"{path}: IDX magic number {magic} (0x{magic:08x}), expected {expected_magic} "
             f"(0x{expected_magic:08x}); wrong file (images vs labels?)."
         )
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise ValueError(f"{path}: truncated IDX header ({len(raw)} of {header} bytes).")
+        raise DataError(f"{path}: truncated IDX header ({len(raw)} of {header} bytes).")
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     dtype = IDX_DTYPES[code]
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     found = len(raw) - header
     if found != expected:
-        raise ValueError(
+        raise DataError(
             f"{path}: IDX header says shape {shape} of {dtype.newbyteorder('=')} "
             f"({expected} data bytes) but the file holds {found} data bytes "
             f"({'truncated' if found < expected else 'trailing bytes'})."

@@ -17,6 +17,7 @@ uninterrupted one. After each step the loop runs the named actions of
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any
@@ -26,7 +27,7 @@ import ml_collections
 
 from nfnets.registry import create_model
 from nfnets.training import actions as actions_lib
-from nfnets.training import outputs
+from nfnets.training import health, outputs
 from nfnets.training.checkpoints import Checkpointer
 from nfnets.training.datasets import load_dataset
 from nfnets.training.evaluation import evaluate, make_pmapped_eval_step, make_precise_bn
@@ -35,6 +36,7 @@ from nfnets.training.init import check_init_from, init_from_pretrained
 from nfnets.training.optim import make_optimizer
 from nfnets.training.pipeline import eval_iterator, prefetch, shard_for_pmap
 from nfnets.training.plan import ConfigError, make_plan
+from nfnets.training.preflight import check_config, prepare_workdir
 from nfnets.training.step import (
     TrainState,
     create_train_state,
@@ -188,9 +190,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> dict:
 
     A stop signal (SIGTERM/SIGINT) saves a checkpoint and returns early with
     ``{"interrupted": True, "steps": ...}`` (no summary.json): rerun the same command
-    to resume. ``kwargs`` go to ``run``.
+    to resume. A diverged run (see ``nfnets.training.health``) writes its summary and
+    raises ``TrainingDiverged``. ``kwargs`` go to ``run``.
     """
-    return run(config, workdir, **kwargs)[0]
+    summary = run(config, workdir, **kwargs)[0]
+    if summary.get("diverged"):
+        raise health.TrainingDiverged(summary["divergence"], summary)
+    return summary
 
 
 def _open_outputs(trainer: Trainer, start_step: int, ckpt: Checkpointer):
@@ -198,37 +204,80 @@ def _open_outputs(trainer: Trainer, start_step: int, ckpt: Checkpointer):
     config, workdir = trainer.config, trainer.workdir
     if not trainer.is_writer:
         return None, None
+    # Written only now, after the checks: config.json is the config of the checkpoints.
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2) + "\n")
-    outputs.truncate_metrics(workdir, start_step)
+    torn = outputs.truncate_metrics(workdir, start_step)
     writer = outputs.MetricsWriter(workdir, tensorboard=config.tensorboard)
     bar = None
     if config.progress_bar:
         bar = outputs.ProgressBar(trainer.plan.total_steps, initial=start_step)
+    if torn:
+        actions_lib.say(bar, torn)
     if start_step:
         actions_lib.say(bar, f"resuming from step {start_step} ({ckpt.directory})")
     return writer, bar
 
 
+def _finished_summary(trainer: Trainer, start_step: int, extend: bool) -> dict | None:
+    """The saved summary when ``workdir`` already holds the whole run (nothing to do)."""
+    total, workdir = trainer.plan.total_steps, trainer.workdir
+    if start_step < total:
+        return None
+    if extend:
+        raise ConfigError(
+            f"--extend: {workdir} already holds {start_step} steps and the config asks for "
+            f"{total}; raise num_epochs or num_train_steps"
+        )
+    path = os.path.join(workdir, outputs.SUMMARY_FILE)
+    if not os.path.exists(path):
+        return None  # stopped after the last checkpoint: evaluate and summarize it
+    actions_lib.say(
+        None,
+        f"{workdir} holds a finished run ({start_step} steps, {path}); nothing to do. "
+        "To train longer rerun with --extend and a larger num_epochs or num_train_steps; "
+        "to start over pass --restart (deletes its outputs) or use a new --workdir",
+    )
+    with open(path) as f:
+        return json.load(f)
+
+
+def _has_checkpoint(workdir: str) -> bool:
+    """Whether ``workdir/checkpoints`` holds a step folder (orbax names them by step)."""
+    directory = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
 def run(
-    config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | None = None
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    stop_at_step: int | None = None,
+    restart: bool = False,
+    extend: bool = False,
 ) -> tuple[dict, TrainState]:
     """``train`` that also returns the final host training state (first local replica).
 
     ``stop_at_step`` behaves like a stop signal arriving during that step
     (checkpoint, then return ``{"interrupted": True, ...}``): for tests of
-    resuming and for simulating preemption.
+    resuming and for simulating preemption. The whole config is checked before
+    any data is read or the workdir is created (``preflight.check_config``), and
+    against the workdir's checkpoint before anything is written
+    (``preflight.prepare_workdir``). A finished workdir is left as it is (its
+    summary is returned) unless ``extend`` (train on to a longer ``num_epochs`` /
+    ``num_train_steps``) or ``restart`` (delete its outputs, start over).
     """
     maybe_initialize_distributed(config)
-    os.makedirs(workdir, exist_ok=True)
+    check_config(config, jax.device_count())
+    if restart or not _has_checkpoint(workdir):
+        check_init_from(config)  # a resumed run never reads init_from
+    prepare_workdir(config, workdir, restart=restart, extend=extend)
     ckpt = Checkpointer(
         os.path.join(os.path.abspath(workdir), "checkpoints"),
         max_to_keep=config.keep_checkpoints,
         save_every_steps=config.checkpoint_every_steps,
     )
     resuming = ckpt.latest_step() is not None
-    if not resuming:
-        check_init_from(config)  # before the data loads; a resumed run never reads it
     trainer = Trainer(config, workdir)
     state, prior_time, init_message = trainer.init_state(), 0.0, None
     if resuming:
@@ -237,6 +286,10 @@ def run(
     else:
         state, init_message = init_from_pretrained(state, trainer.model, trainer.tx, config)
     start_step = int(state.step)
+    finished = _finished_summary(trainer, start_step, extend)
+    if finished is not None:
+        ckpt.close()
+        return finished, state
     writer, bar = _open_outputs(trainer, start_step, ckpt)
     if init_message and trainer.is_writer:
         actions_lib.say(bar, init_message)
@@ -253,6 +306,7 @@ def run(
         actions_lib.LogMetrics(trainer, writer, bar, run_state),
         *([actions_lib.ShowProgress(bar)] if bar else []),
         actions_lib.PeriodicEvaluation(trainer, writer),
+        actions_lib.StopOnDivergence(trainer),
         actions_lib.PeriodicCheckpoint(trainer, ckpt),
         stop,
     ]
@@ -262,10 +316,10 @@ def run(
             run_state.step += 1
             for action in periodic:
                 action(run_state)
-            if run_state.interrupted:
+            if run_state.interrupted or run_state.diverged:
                 break
     loop_time = actions_lib.wait(run_state)
-    if run_state.interrupted:
+    if run_state.interrupted and not run_state.diverged:
         ckpt.close()
         if bar:
             bar.close()
@@ -276,40 +330,69 @@ def run(
 
 
 def _finish(trainer: Trainer, ckpt, run_state, loop_time: float, writer, bar):
-    """Final checkpoint, PreciseBN, evaluation, summary.json and plots; returns the summary."""
-    config, plan, step = trainer.config, trainer.plan, run_state.step
-    train_time = run_state.prior_time + loop_time
+    """Evaluation, final checkpoint (only of a healthy run), summary.json and plots.
+
+    A diverged run (in the loop, or a non-finite final test loss) saves no
+    checkpoint, so the last one is the last good state.
+    """
+    config, step = trainer.config, run_state.step
+    results = {"test_loss": None, "test_accuracy": None}
     p_state = trainer.sync_stats(run_state.p_state)
     final_state = unreplicate(p_state)
-    ckpt.save(step, final_state, actions_lib.checkpoint_meta(config, train_time))
+    if run_state.diverged is None:
+        results = trainer.eval_all(p_state, trainer.precise_bn(p_state))
+        reason = health.eval_reason(results)
+        if reason:
+            run_state.diverged = (step, reason)
+        else:
+            meta = actions_lib.checkpoint_meta(config, run_state.prior_time + loop_time)
+            ckpt.save(step, final_state, meta)
     ckpt.close()
-    results = trainer.eval_all(p_state, trainer.precise_bn(p_state))
-    summary = {
+    summary = _summary(trainer, run_state, loop_time, results, final_state)
+    if bar:
+        bar.close()
+    if writer:
+        if not run_state.diverged:
+            writer.write(step, {k: v for k, v in results.items() if k != "test_count"})
+        writer.close()
+        records = outputs.read_metrics(trainer.workdir)
+        summary.update(health.loss_health(records, trainer.info.num_classes))
+        outputs.write_summary(trainer.workdir, summary)
+        outputs.plot_curves(records, os.path.join(trainer.workdir, outputs.CURVES_FILE))
+        if summary["loss_exploded"]:
+            actions_lib.say(None, f"warning: train loss reached {summary['max_train_loss']:.3g}")
+        if not run_state.diverged:
+            line = ", ".join(
+                f"{k} {summary[k]:.4f}" for k in sorted(results) if k.startswith("test_accuracy")
+            )
+            print(f"done: {line}; {step} steps in {summary['wall_time_s']:.1f} s", flush=True)
+    return summary, final_state
+
+
+def _summary(trainer: Trainer, run_state, loop_time: float, results: dict, final_state) -> dict:
+    """summary.json's fields (see ``outputs.SUMMARY_KEYS``); None where there is no number."""
+    config, plan, step = trainer.config, trainer.plan, run_state.step
+    ran = step - run_state.start_step
+    diverged_at, message = None, None
+    if run_state.diverged:
+        diverged_at = run_state.diverged[0]
+        message = health.divergence_message(*run_state.diverged)
+    return {
         **results,
         "steps": step,
         "skipped_steps": int(final_state.num_skipped),
-        "wall_time_s": train_time,
-        "images_per_sec": (step - run_state.start_step) * config.batch_size / max(loop_time, 1e-9),
+        "wall_time_s": run_state.prior_time + loop_time,
+        "images_per_sec": ran * config.batch_size / max(loop_time, 1e-9) if ran else None,
         "epochs": step / plan.steps_per_epoch,
         "num_devices": plan.num_devices,
         "num_processes": plan.process_count,
         "model": config.model,
         "dataset": config.dataset,
         "batch_size": config.batch_size,
+        "diverged": run_state.diverged is not None,
+        "diverged_at_step": diverged_at,
+        "divergence": message,
     }
-    if bar:
-        bar.close()
-    if writer:
-        writer.write(step, {k: v for k, v in results.items() if k != "test_count"})
-        writer.close()
-        outputs.write_summary(trainer.workdir, summary)
-        curves = os.path.join(trainer.workdir, outputs.CURVES_FILE)
-        outputs.plot_curves(outputs.read_metrics(trainer.workdir), curves)
-        line = ", ".join(
-            f"{k} {summary[k]:.4f}" for k in sorted(results) if k.startswith("test_accuracy")
-        )
-        print(f"done: {line}; {step} steps in {train_time:.1f} s", flush=True)
-    return summary, final_state
 
 
 __all__ = ["ConfigError", "Trainer", "maybe_initialize_distributed", "run", "train"]

@@ -159,12 +159,10 @@ def _with_defaults(config: ml_collections.ConfigDict | dict) -> dict:
     return {k: get(k, v) for k, v in defaults.items()}
 
 
-def make_optimizer(
-    config: ml_collections.ConfigDict, steps_per_epoch: int
-) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """Builds `(tx, lr_schedule)` from the config fields listed in the module docstring.
+def check_optimizer_config(config: ml_collections.ConfigDict | dict) -> dict:
+    """Checks every optimizer field that does not need the run's length; returns them.
 
-    `tx.update(grads, state, params)` needs `params` (AGC and weight decay read them).
+    Raises ValueError naming the field, the value and the valid range.
     """
     cfg = _with_defaults(config)
     name = cfg["optimizer"]
@@ -178,13 +176,29 @@ def make_optimizer(
         check_nonneg(key, cfg[key])
         if cfg[key] >= 1:
             raise ValueError(f"{key} must be in [0, 1), got {cfg[key]!r}")
+    peak_learning_rate(cfg)  # learning_rate > 0, a sane lr_base_batch_size
+    if name == "sgd" and cfg["nesterov"] and not cfg["momentum"]:
+        raise ValueError(
+            "nesterov=True needs momentum > 0; set momentum (e.g. 0.9) or nesterov=False"
+        )
     exclude = cfg["agc_exclude"] or ()
     if isinstance(exclude, str):
         raise ValueError(
             f"agc_exclude must be a tuple of patterns, got the string {exclude!r}; "
             f"write ({exclude!r},)"
         )
+    return cfg
 
+
+def make_optimizer(
+    config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """Builds `(tx, lr_schedule)` from the config fields listed in the module docstring.
+
+    `tx.update(grads, state, params)` needs `params` (AGC and weight decay read them).
+    """
+    cfg = check_optimizer_config(config)
+    name, exclude = cfg["optimizer"], cfg["agc_exclude"] or ()
     schedule = make_lr_schedule(cfg, steps_per_epoch)
     parts = []
     if cfg["agc_clip"]:
@@ -197,10 +211,6 @@ def make_optimizer(
     wd = cfg["weight_decay"] or 0.0
     if name == "sgd":
         momentum = cfg["momentum"] or None
-        if cfg["nesterov"] and momentum is None:
-            raise ValueError(
-                "nesterov=True needs momentum > 0; set momentum (e.g. 0.9) or nesterov=False"
-            )
         if wd:
             parts.append(optax.add_decayed_weights(wd, mask=weight_decay_mask))
         parts.append(optax.sgd(schedule, momentum=momentum, nesterov=bool(cfg["nesterov"])))

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Iterable
 
 METRICS_FILE = "metrics.jsonl"
@@ -21,26 +22,96 @@ CURVES_FILE = "training_curves.png"
 SUMMARY_KEYS = ("test_accuracy", "test_loss", "steps", "wall_time_s", "images_per_sec")
 
 
+class MetricsFileError(ValueError):
+    """metrics.jsonl holds a line that is not JSON (other than a torn last line)."""
+
+
+def _parse_metrics(path: str) -> tuple[list[dict], bool]:
+    """``(records, torn)``: ``torn`` when the last line was cut off mid-write (it is left out).
+
+    A crash while writing leaves a last line without its newline; any other line
+    that is not JSON raises ``MetricsFileError`` naming the file, the line and the fix.
+    """
+    with open(path) as f:
+        text = f.read()
+    lines = text.split("\n")
+    records, torn = [], False
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number == len(lines) and not text.endswith("\n"):
+                torn = True  # the last write was interrupted
+                continue
+            raise MetricsFileError(
+                f"{path}: line {number} is not JSON ({e.msg}); delete that line (or the "
+                "file, losing the earlier curves) and rerun"
+            ) from None
+    return records, torn
+
+
 def read_metrics(workdir: str) -> list[dict]:
-    """All records of ``workdir/metrics.jsonl`` in file order ([] when absent)."""
+    """All records of ``workdir/metrics.jsonl`` in file order ([] when absent).
+
+    A torn last line (a crash mid-write) is left out; any other bad line raises
+    ``MetricsFileError``.
+    """
     path = os.path.join(workdir, METRICS_FILE)
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return _parse_metrics(path)[0]
 
 
-def truncate_metrics(workdir: str, last_step: int) -> None:
+def truncate_metrics(workdir: str, last_step: int) -> str | None:
     """Drops records with ``step > last_step`` (written after the checkpoint a run resumes from).
 
     So a resumed run's metrics.jsonl is the same as an uninterrupted run's, without
-    duplicated steps.
+    duplicated steps. A torn last line is dropped too; returns a message saying so
+    (None when there was none).
     """
     path = os.path.join(workdir, METRICS_FILE)
-    records = [r for r in read_metrics(workdir) if r["step"] <= last_step]
+    records, torn = _parse_metrics(path) if os.path.exists(path) else ([], False)
+    records = [r for r in records if r["step"] <= last_step]
     with open(path, "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
+    if torn:
+        return f"{path}: dropped a torn last line (the previous run stopped mid-write)"
+    return None
+
+
+class TensorBoardScalars:
+    """Scalars appended to a TensorBoard event file in ``logdir`` and flushed at once.
+
+    tensorboardX's ``SummaryWriter`` hands events to a background thread that writes
+    them every ``flush_secs`` (and its ``flush`` does not wait for that thread), so a
+    killed run lost its events. This writes them synchronously through tensorboardX's
+    own ``EventsWriter`` and ``summary.scalar``, so the event file holds at least
+    what metrics.jsonl holds.
+    """
+
+    def __init__(self, logdir: str):
+        from tensorboardX.event_file_writer import EventsWriter
+
+        os.makedirs(logdir, exist_ok=True)
+        self._writer = EventsWriter(os.path.join(logdir, "events"))
+        self._writer.flush()
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        """One scalar event per key at ``step``, then a flush to disk."""
+        from tensorboardX.proto import event_pb2
+        from tensorboardX.summary import scalar
+
+        for tag, value in values.items():
+            summary = scalar(tag, float(value))
+            event = event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary)
+            self._writer.write_event(event)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 class MetricsWriter:
@@ -50,24 +121,22 @@ class MetricsWriter:
         os.makedirs(workdir, exist_ok=True)
         self.workdir = workdir
         self._file = open(os.path.join(workdir, METRICS_FILE), "a")  # noqa: SIM115
-        self._tb = None
-        if tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
+        self._tb = TensorBoardScalars(os.path.join(workdir, "tensorboard")) if tensorboard else None
 
     def write(self, step: int, record: dict[str, float]) -> None:
-        """Writes ``{"step": step, **record}``; non-finite floats are stored as null in JSON."""
+        """Writes ``{"step": step, **record}``; a None or non-finite value is stored as null
+        in JSON and left out of TensorBoard. Both files are flushed."""
         clean = {}
         for k, v in record.items():
+            v = float("nan") if v is None else v
             v = float(v) if not isinstance(v, str) else v
             clean[k] = v if isinstance(v, str) or math.isfinite(v) else None
         self._file.write(json.dumps({"step": int(step), **clean}) + "\n")
         self._file.flush()
         if self._tb is not None:
-            for k, v in record.items():
-                if not isinstance(v, str):
-                    self._tb.add_scalar(k, float(v), int(step))
+            self._tb.write(
+                step, {k: v for k, v in clean.items() if v is not None and not isinstance(v, str)}
+            )
 
     def close(self) -> None:
         self._file.close()
@@ -123,14 +192,28 @@ class ProgressBar:
         self._bar.close()
 
 
+def strict_json(value):
+    """``value`` with every non-finite float replaced by None (strict JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def write_summary(workdir: str, summary: dict) -> str:
-    """Writes ``workdir/summary.json``; it must hold every key of ``SUMMARY_KEYS``."""
+    """Writes ``workdir/summary.json`` as strict JSON (null where there is no number).
+
+    It must hold every key of ``SUMMARY_KEYS`` (their value may be None).
+    """
     missing = [k for k in SUMMARY_KEYS if k not in summary]
     if missing:
         raise ValueError(f"summary is missing keys {missing}; it needs {list(SUMMARY_KEYS)}")
     path = os.path.join(workdir, SUMMARY_FILE)
     with open(path, "w") as f:
-        json.dump(summary, f, indent=2, sort_keys=True)
+        json.dump(strict_json(summary), f, indent=2, sort_keys=True, allow_nan=False)
         f.write("\n")
     return path
 

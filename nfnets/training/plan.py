@@ -10,7 +10,9 @@ and ``valid_keys`` explain a mistyped ``--config.<key>`` on the command line.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -18,6 +20,7 @@ from collections.abc import Callable, Sequence
 import jax
 import ml_collections
 
+import norms
 from nfnets.training.optim import ema_decay_nfnet, schedule_steps
 from nfnets.training.pipeline import steps_per_epoch as full_batches_per_epoch
 from norms.linen import STATEFUL_NORM_NAMES
@@ -149,6 +152,46 @@ def _model_kwargs(config: ml_collections.ConfigDict, groups, axis_name: str) -> 
     return model_kwargs
 
 
+# batch_renorm's r_max / d_max may be the string "paper_scaled" in a config (a config
+# cannot hold a function); the plan turns it into the schedule for the run's length.
+PAPER_SCALED = "paper_scaled"
+# The paper's ramp ends at 40k steps (r_max reaches 3); scaled, it ends halfway through.
+_PAPER_RAMP_END = 40_000
+
+
+def scaled_renorm_schedules(model_kwargs: dict, total_steps: int) -> dict:
+    """``model_kwargs`` with ``norm_kwargs`` r_max / d_max = "paper_scaled" made schedules.
+
+    The paper's schedule (Ioffe, 2017, Sec. 4; ``norms.paper_r_max`` /
+    ``norms.paper_d_max``: plain batch norm for 5k steps, then linear ramps to
+    d_max = 5 at 25k and r_max = 3 at 40k steps) with its steps scaled by
+    ``total_steps / 80k``, so the ramps keep their proportions and end halfway
+    through the run: batch norm for the first 1/16 of the steps, d_max = 5 at 5/16,
+    r_max = 3 at 1/2.
+    """
+    norm_kwargs = dict(model_kwargs.get("norm_kwargs") or {})
+    scaled = [k for k in ("r_max", "d_max") if norm_kwargs.get(k) == PAPER_SCALED]
+    if not scaled:
+        return model_kwargs
+    factor = 2 * _PAPER_RAMP_END / max(int(total_steps), 1)
+    paper = {"r_max": norms.paper_r_max, "d_max": norms.paper_d_max}
+    for key in scaled:
+        norm_kwargs[key] = functools.partial(_rescaled, paper[key], factor)
+    return {**model_kwargs, "norm_kwargs": norm_kwargs}
+
+
+def _rescaled(schedule: Callable, factor: float, step):
+    return schedule(step * factor)
+
+
+def model_overrides(
+    config: ml_collections.ConfigDict, total_steps: int, groups=None, axis_name: str = "batch"
+) -> dict:
+    """``create_model`` overrides of ``config``: model_kwargs, dtype, the sync axis of
+    stateful norms and the "paper_scaled" renorm schedules for ``total_steps``."""
+    return scaled_renorm_schedules(_model_kwargs(config, groups, axis_name), total_steps)
+
+
 def make_plan(
     config: ml_collections.ConfigDict,
     *,
@@ -181,7 +224,7 @@ def make_plan(
     groups = None
     if config.sync_batch_stats == "groups" and config.sync_group_size < num_devices:
         groups = device_groups(num_devices, config.sync_group_size)
-    model_kwargs = _model_kwargs(config, groups, axis_name)
+    model_kwargs = model_overrides(config, total_steps, groups, axis_name)
     return Plan(
         num_devices=num_devices,
         local_devices=local_devices,
@@ -215,6 +258,41 @@ def unknown_overrides(config: ml_collections.ConfigDict, argv: Sequence[str]) ->
                 bad.append(m.group(1))
                 break
     return bad
+
+
+_NORM_OVERRIDE = re.compile(r"^--?config\.model_kwargs\.norm_kwargs\.([A-Za-z_]\w*)=(.*)$")
+
+
+def split_norm_overrides(argv: Sequence[str]) -> tuple[list[str], dict]:
+    """``(other args, {key: value})`` for ``--config.model_kwargs.norm_kwargs.KEY=VALUE``.
+
+    A norm's settings depend on the norm, so the config schema cannot declare them;
+    these arguments are taken out before the config flags are parsed and applied
+    by ``apply_norm_overrides``. VALUE is a Python literal (``8``, ``0.99``,
+    ``"(0, 1)"``) or else a string; ``create_model`` rejects keys the norm lacks.
+    """
+    rest, found = [], {}
+    for arg in argv:
+        m = _NORM_OVERRIDE.match(arg)
+        if not m:
+            rest.append(arg)
+            continue
+        try:
+            found[m.group(1)] = ast.literal_eval(m.group(2))
+        except (ValueError, SyntaxError):
+            found[m.group(1)] = m.group(2)
+    return rest, found
+
+
+def apply_norm_overrides(config: ml_collections.ConfigDict, values: dict) -> None:
+    """Sets ``config.model_kwargs.norm_kwargs[key] = value`` for each item (in place)."""
+    if not values:
+        return
+    with config.unlocked():
+        if "norm_kwargs" not in config.model_kwargs:
+            config.model_kwargs.norm_kwargs = ml_collections.ConfigDict()
+        for key, value in values.items():
+            config.model_kwargs.norm_kwargs[key] = value
 
 
 def valid_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:

@@ -58,6 +58,9 @@ class TrainState:
       ema_params: EMA of the parameters, or None when EMA is off.
       metric_sums: see ``zero_metric_sums``; reset by the loop after each log.
       num_skipped: () int32, non-finite steps skipped in the whole run.
+      skip_streak: () int32, non-finite steps skipped in a row up to this step.
+      longest_skip_streak: () int32, the longest such run so far (the loop stops a
+        diverged run when it reaches ``config.max_consecutive_skipped_steps``).
     """
 
     step: jax.Array
@@ -67,6 +70,8 @@ class TrainState:
     ema_params: PyTree
     metric_sums: dict[str, jax.Array]
     num_skipped: jax.Array
+    skip_streak: jax.Array = 0
+    longest_skip_streak: jax.Array = 0
 
 
 def init_variables(
@@ -107,6 +112,8 @@ def create_train_state(
         ema_params=jax.tree.map(jnp.copy, params) if use_ema else None,
         metric_sums=zero_metric_sums(),
         num_skipped=jnp.zeros((), jnp.int32),
+        skip_streak=jnp.zeros((), jnp.int32),
+        longest_skip_streak=jnp.zeros((), jnp.int32),
     )
 
 
@@ -157,6 +164,18 @@ def _add_metrics(sums: dict, finite: jax.Array, loss: jax.Array, acc: jax.Array)
     }
 
 
+def training_targets(batch: dict) -> jax.Array:
+    """What the loss trains on: the mixed soft labels (n, K) of MixUp/CutMix when the
+    batch has them ("label_probs"), else the class ids "label" (n,)."""
+    return batch.get("label_probs", batch["label"])
+
+
+def _streaks(state: TrainState, finite: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(skip_streak, longest_skip_streak)`` after a step: a skipped step extends the run."""
+    streak = jnp.where(finite, 0, jnp.asarray(state.skip_streak, jnp.int32) + 1)
+    return streak, jnp.maximum(jnp.asarray(state.longest_skip_streak, jnp.int32), streak)
+
+
 def make_train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
@@ -175,18 +194,20 @@ def make_train_step(
       axis_name: the pmap axis name the step averages over.
 
     ``batch`` holds "image" (n, H, W, C) and "label" (n,) int or (n, K) soft labels
-    for this device; ``rng`` is the run's base key (the same on every device): the
-    step folds in the step number and the device index, so dropout / stochastic
-    depth noise depends only on (seed, step, device), which makes resuming exact.
+    for this device, and with MixUp/CutMix "label_probs" (n, K): the loss then uses
+    "label_probs" and the accuracy "label" (see ``training_targets``). ``rng`` is the
+    run's base key (the same on every device): the step folds in the step number and
+    the device index, so dropout / stochastic depth noise depends only on (seed,
+    step, device), which makes resuming exact.
     The step's device-averaged loss and accuracy are added to ``metric_sums`` (a
     skipped step adds to its ``skipped`` count instead).
     """
 
     def step_fn(state: TrainState, batch: dict, rng: jax.Array) -> TrainState:
-        images, labels = batch["image"], batch["label"]
+        images, labels, targets = batch["image"], batch["label"], training_targets(batch)
         rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(axis_name))
         (loss, (logits, new_stats)), grads = jax.value_and_grad(_loss_and_stats, 1, has_aux=True)(
-            model, state.params, state.batch_stats, images, labels, rng, label_smoothing
+            model, state.params, state.batch_stats, images, targets, rng, label_smoothing
         )
         grads = jax.lax.pmean(grads, axis_name)
         loss = jax.lax.pmean(loss, axis_name)
@@ -200,6 +221,7 @@ def make_train_step(
         updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
         new_ema = state.ema_params
+        streak, longest = _streaks(state, finite)
         if ema_decay_fn is not None:
             new_ema = update_ema(state.ema_params, new_params, ema_decay_fn(state.step))
         return state.replace(
@@ -210,6 +232,8 @@ def make_train_step(
             ema_params=_select(finite, new_ema, state.ema_params),
             metric_sums=_add_metrics(state.metric_sums, finite, loss, acc),
             num_skipped=state.num_skipped + (1 - finite.astype(jnp.int32)),
+            skip_streak=streak,
+            longest_skip_streak=longest,
         )
 
     return step_fn
