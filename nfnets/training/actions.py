@@ -24,7 +24,7 @@ import ml_collections
 
 from nfnets.training.checkpoints import Checkpointer
 from nfnets.training.outputs import MetricsWriter, ProgressBar
-from nfnets.training.step import TrainState, replicate, unreplicate, zero_metric_sums
+from nfnets.training.step import TrainState
 
 
 @dataclasses.dataclass
@@ -32,7 +32,7 @@ class RunState:
     """What the loop and its actions share: the replicated state and the clocks.
 
     Attributes:
-      p_state: the training state, replicated over the local devices.
+      p_state: the training state in the device layout of ``config.parallelism``.
       step: steps done so far (the data position).
       start_step: the step this process started (or resumed) at.
       prior_time: training seconds spent before this process resumed.
@@ -63,7 +63,7 @@ def save_checkpoint(trainer, ckpt: Checkpointer, run: RunState) -> None:
     """Merges the running statistics across devices, then saves the host state at ``run.step``."""
     run.p_state = trainer.sync_stats(run.p_state)
     meta = checkpoint_meta(trainer.config, run.train_time())
-    ckpt.save(run.step, unreplicate(run.p_state), meta)
+    ckpt.save(run.step, trainer.host_state(run.p_state), meta)
 
 
 def say(bar: ProgressBar | None, text: str) -> None:
@@ -90,8 +90,7 @@ class LogMetrics:
         plan, step = self.trainer.plan, run.step
         if step % self.every and step != plan.total_steps:
             return
-        sums = unreplicate(run.p_state.metric_sums)
-        run.p_state = run.p_state.replace(metric_sums=replicate(zero_metric_sums()))
+        run.p_state, sums = self.trainer.read_metrics(run.p_state)
         now = time.perf_counter()
         good = max(int(sums["steps"]), 1)
         images = (step - self.last_step) * self.trainer.config.batch_size
