@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from nfnets.training.losses import accuracy, smoothed_cross_entropy
-from nfnets.training.parallel import BATCH, BROADCAST, PER_DEVICE, REPLICATED, Pmap, ShardMap
+from nfnets.training.parallel import BATCH, PER_DEVICE, REPLICATED, Pmap, ShardMap
 from norms import apply_recomputed_stats, recompute_batch_stats, sync_batch_stats
 
 PyTree = Any
@@ -121,7 +121,7 @@ def make_precise_bn(
 
     par = parallel or Pmap(axis_name)
     var_kinds = {"params": REPLICATED, "batch_stats": PER_DEVICE}
-    p_stats = par.map(stats_fn, (var_kinds, BATCH, BROADCAST), PER_DEVICE)
+    p_stats = par.map(stats_fn, (var_kinds, BATCH, REPLICATED), PER_DEVICE)
     p_apply = par.map(
         lambda stats, moments: sync_batch_stats(apply_recomputed_stats(stats, moments), axis_name),
         (PER_DEVICE, PER_DEVICE),
@@ -129,6 +129,7 @@ def make_precise_bn(
     )
 
     def precise(p_variables, batches, num_batches: int, rng):
+        rng = par.put(rng, REPLICATED)
         moments = recompute_batch_stats(
             lambda b: p_stats(p_variables, b, rng), batches, num_batches=num_batches
         )

@@ -36,7 +36,6 @@ from nfnets.training.evaluation import evaluate, make_eval_step, make_precise_bn
 from nfnets.training.optim import make_optimizer
 from nfnets.training.parallel import (
     BATCH,
-    BROADCAST,
     PER_DEVICE,
     REPLICATED,
     make_parallel,
@@ -102,7 +101,7 @@ class Trainer:
         p = self.plan
         self.model = create_model(config.model, num_classes=self.info.num_classes, **p.model_kwargs)
         self.tx, self.schedule = make_optimizer(p.optimizer_config, p.steps_per_epoch)
-        self.init_rng, self.step_rng = jax.random.split(jax.random.key(config.seed))
+        self.init_rng, self.base_rng = jax.random.split(jax.random.key(config.seed))
         size = config.image_size or self.info.image_shape[0]
         self.image_shape = (size, size, self.info.image_shape[2])
         step = make_train_step(
@@ -118,8 +117,8 @@ class Trainer:
         """The mapped train step, eval steps, stats merge and metric read-out."""
         par = self.parallel = make_parallel(self.config.get("parallelism", "pmap"), AXIS)
         kinds = self.kinds = state_kinds(TrainState)
-        self.train_step = par.map(step, (kinds, BATCH, BROADCAST), kinds, donate_argnums=(0,))
-        self.step_rng = par.put(self.step_rng, BROADCAST)
+        self.train_step = par.map(step, (kinds, BATCH, REPLICATED), kinds, donate_argnums=(0,))
+        self.step_rng = par.put(self.base_rng, REPLICATED)  # placed once, not every step
         eval_step = make_eval_step(self.model, AXIS)
         self._eval_steps = {
             bs: par.map(eval_step, (variable_kinds(dict.fromkeys(bs)), BATCH), REPLICATED)
@@ -217,7 +216,7 @@ class Trainer:
         total = self.plan.total_steps
         batches = self.train_batches(total, num_steps=total + n)
         variables = model_variables(p_state.params, p_state.batch_stats)
-        rng = jax.random.fold_in(self.step_rng, 2**31 - 1)
+        rng = jax.random.fold_in(self.base_rng, 2**31 - 1)
         return make_precise_bn(self.model, AXIS, self.parallel)(variables, batches, n, rng)
 
 

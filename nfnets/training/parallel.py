@@ -9,11 +9,10 @@ Every argument and result of a mapped function has a *kind* (a string, given per
 argument as a pytree prefix):
 
 - ``REPLICATED``: the same value on every device (parameters, optimizer state,
-  metric sums);
+  metric sums, the base rng key);
 - ``PER_DEVICE``: one value per device that may differ between devices (running
   batch statistics: with ``sync_batch_stats`` "none" or "groups" they do);
-- ``BATCH``: a global batch split over the devices along its first axis;
-- ``BROADCAST``: a host-side constant used on every device (the base rng key).
+- ``BATCH``: a global batch split over the devices along its first axis.
 
 Layouts on the devices:
 
@@ -59,8 +58,8 @@ from jax.sharding import PartitionSpec as P
 from nfnets.training.pipeline import shard_for_pmap
 
 PyTree = Any
-REPLICATED, PER_DEVICE, BATCH, BROADCAST = "replicated", "per_device", "batch", "broadcast"
-KINDS = (REPLICATED, PER_DEVICE, BATCH, BROADCAST)
+REPLICATED, PER_DEVICE, BATCH = "replicated", "per_device", "batch"
+KINDS = (REPLICATED, PER_DEVICE, BATCH)
 PARALLELISMS = ("pmap", "shard_map")
 
 
@@ -84,6 +83,10 @@ def _by_kind(kinds: PyTree, tree: PyTree, fn: Callable[[str, Any], Any]) -> PyTr
         return jax.tree.map(lambda x: fn(kind, x), subtree)
 
     return jax.tree.map(sub, kinds, tree)
+
+
+def _is_key(x) -> bool:
+    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 def _host_copy(x) -> np.ndarray:
@@ -110,32 +113,34 @@ class Pmap:
         out_kinds: PyTree,
         donate_argnums: tuple[int, ...] = (),
     ) -> Callable:
-        """``jax.pmap(fn)``: BROADCAST arguments are ``in_axes=None``, the others axis 0."""
-        del out_kinds  # every result has the local-device axis
-        in_axes = tuple(jax.tree.map(lambda k: None if k == BROADCAST else 0, k) for k in in_kinds)
-        return jax.pmap(
-            fn, axis_name=self.axis_name, in_axes=in_axes, donate_argnums=donate_argnums
-        )
+        """``jax.pmap(fn)``: every argument and result has the local-device axis.
+
+        Replicated arguments are placed once (``put``) rather than broadcast by
+        ``in_axes=None``, which would send them to every device at every call.
+        """
+        del in_kinds, out_kinds
+        return jax.pmap(fn, axis_name=self.axis_name, donate_argnums=donate_argnums)
 
     def put(self, tree: PyTree, kinds: PyTree) -> PyTree:
         """Host pytree -> device layout (BATCH: this process's rows, split over its devices)."""
 
         def place(kind, x):
-            if kind == BROADCAST:
-                return x
             if kind == BATCH:
                 return jax.device_put(shard_for_pmap({"x": x}, self.num_local)["x"], self._stacked)
-            if isinstance(x, jax.Array):
-                stacked = jnp.broadcast_to(x, (self.num_local, *x.shape))
-            else:
-                stacked = np.broadcast_to(np.asarray(x), (self.num_local, *np.shape(x)))
-            return jax.device_put(stacked, self._stacked)
+            if _is_key(x):
+                return jax.device_put(
+                    jnp.broadcast_to(x, (self.num_local, *x.shape)), self._stacked
+                )
+            # A host view with stride 0: each device receives its copy straight from
+            # the host, no device ever holds all of them.
+            x = np.asarray(x)
+            return jax.device_put(np.broadcast_to(x, (self.num_local, *x.shape)), self._stacked)
 
         return _by_kind(kinds, tree, place)
 
     def host(self, tree: PyTree, kinds: PyTree) -> PyTree:
         """The first local device's copy of every leaf, as numpy."""
-        return _by_kind(kinds, tree, lambda k, x: x if k == BROADCAST else _host_copy(x)[0])
+        return _by_kind(kinds, tree, lambda k, x: _host_copy(x)[0])
 
 
 class ShardMap:
@@ -149,7 +154,6 @@ class ShardMap:
         self.num_devices = self.mesh.size
         self._specs = {
             REPLICATED: P(),
-            BROADCAST: P(),
             PER_DEVICE: P(axis_name),
             BATCH: P(axis_name),
         }
@@ -189,7 +193,7 @@ class ShardMap:
             sharding = self.sharding(kind)
             if kind == BATCH:
                 return jax.make_array_from_process_local_data(sharding, np.asarray(x))
-            if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            if _is_key(x):
                 data = place(kind, np.asarray(jax.random.key_data(x)))
                 return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
             x = np.asarray(x)

@@ -91,12 +91,22 @@ def test_pmap_and_shard_map_steps_agree(data_dir, tmp_path, sync):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("first,second", [("shard_map", "pmap"), ("pmap", "shard_map")])
-def test_checkpoint_of_one_path_resumes_exactly_in_the_other(data_dir, tmp_path, first, second):
-    """4 straight pmap steps == 2 steps with one path, checkpoint, 2 more with the other."""
+@pytest.mark.parametrize(
+    "first,second,sync", [("shard_map", "pmap", "none"), ("pmap", "shard_map", "groups")]
+)
+def test_checkpoint_of_one_path_resumes_exactly_in_the_other(
+    data_dir, tmp_path, first, second, sync
+):
+    """4 straight pmap steps == 2 steps with one path, checkpoint, 2 more with the other.
+
+    Per-device running statistics are merged whenever a checkpoint is written, so
+    the straight run also checkpoints at step 2 (``checkpoint_every_steps``): both
+    runs then merge at the same step.
+    """
     straight_dir, resumed_dir = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    config = _config(data_dir, "pmap", "none")
+    config = _config(data_dir, "pmap", sync)
     config.ema = "0.9"
+    config.checkpoint_every_steps = 2
     summary, straight = run(config, straight_dir)
 
     config.parallelism = first
