@@ -4,11 +4,11 @@ Each benchmark module has a ``main()`` that prints its table (with the machine);
 the recorded results are in ``docs/benchmarks.md``.
 """
 
-from benchmarks import collectives_bench, models_bench, norms_bench
+from benchmarks import collectives_bench, models_bench, norms_bench, parallel_bench
 
 
 def main() -> None:
-    for module in (norms_bench, collectives_bench, models_bench):
+    for module in (norms_bench, collectives_bench, models_bench, parallel_bench):
         print(f"\n## {module.__name__}\n", flush=True)
         module.main()
 

@@ -162,18 +162,25 @@ def test_layouts_and_first_copy_round_trip():
 
 
 def test_mapped_function_sees_per_device_blocks():
-    """Inside ``map``: PER_DEVICE leaves lose the device axis, BATCH leaves are the local rows."""
+    """Inside ``map``: PER_DEVICE leaves lose the device axis, BATCH leaves are the local rows.
+
+    Also a ``psum`` over ``axis_index_groups`` (SyncBN groups with the psum merge),
+    which shard_map's replication checker would reject.
+    """
+    groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+    def fn(s, b):
+        grouped = jax.lax.psum(b.sum(), "batch", axis_index_groups=groups)
+        return s + jax.lax.psum(b.sum(), "batch"), s * 0 + b.sum(), grouped
+
     for par in (Pmap(), ShardMap()):
-        f = par.map(
-            lambda s, b: (s + jax.lax.psum(b.sum(), "batch"), s * 0 + b.sum()),
-            (PER_DEVICE, BATCH),
-            (PER_DEVICE, PER_DEVICE),
-        )
+        f = par.map(fn, (PER_DEVICE, BATCH), (PER_DEVICE, PER_DEVICE, PER_DEVICE))
         s = par.put(np.float32(1.0), PER_DEVICE)
         b = par.put(np.arange(16, dtype=np.float32), BATCH)
-        total, local = (np.asarray(x) for x in f(s, b))
+        total, local, grouped = (np.asarray(x) for x in f(s, b))
         np.testing.assert_array_equal(total, np.full(8, 1.0 + 120.0))
         np.testing.assert_array_equal(local, [4 * i + 1 for i in range(8)])  # 2i + 2i+1
+        np.testing.assert_array_equal(grouped, [28.0] * 4 + [92.0] * 4)  # sum(0..7), sum(8..15)
 
 
 def test_unknown_parallelism_names_the_fix(data_dir):
