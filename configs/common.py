@@ -25,6 +25,9 @@ Keys (all read by ``nfnets.training.train``; the optimizer keys by
   host), "none" (each device its own batch; running statistics averaged before
   evaluation and checkpoints), "groups" (groups of ``sync_group_size``
   consecutive devices, via ``axis_index_groups``).
+- ``parallelism``: "pmap" (``jax.pmap``) or "shard_map" (``jax.jit(jax.shard_map(...))``
+  over global arrays); same numbers, checkpoints interchangeable
+  (nfnets/training/parallel.py).
 - ``batch_size``: GLOBAL batch (all devices, all hosts); must divide by the device
   count. ``eval_batch_size``: global eval batch (any size; the last batch is
   padded and masked).
@@ -90,6 +93,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.dtype = "float32"
     c.sync_batch_stats = "all"
     c.sync_group_size = 0
+
+    # Data parallelism: "pmap" or "shard_map".
+    c.parallelism = "pmap"
 
     # Batches and length.
     c.batch_size = 128

@@ -1,7 +1,8 @@
 """Two processes on localhost (jax.distributed, CPU collectives over gloo) train together.
 
-Each process has 4 virtual CPU devices; pmap's "batch" axis spans all 8, each
-process feeds its half of every global batch. If the gradients were not averaged
+Each process has 4 virtual CPU devices; the "batch" axis (of pmap, or of the
+shard_map mesh over global arrays) spans all 8, each process feeds its half of
+every global batch. If the gradients were not averaged
 across processes the two would end with different parameters (they see different
 data); the test requires them to agree and the run to report 8 devices, 2
 processes and every test example counted once.
@@ -28,8 +29,9 @@ import jax, numpy as np
 from nfnets.training import run
 from tests.nfnets.training.tiny_config import tiny_nf_config
 
-pid, port, data_dir, workdir, out = sys.argv[1:]
+pid, port, data_dir, workdir, out, parallelism = sys.argv[1:]
 c = tiny_nf_config(data_dir)
+c.parallelism = parallelism
 c.distributed.initialize = True
 c.distributed.coordinator_address = f"127.0.0.1:{port}"
 c.distributed.num_processes = 2
@@ -51,7 +53,8 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_train_and_agree(tmp_path):
+@pytest.mark.parametrize("parallelism", ["pmap", "shard_map"])
+def test_two_processes_train_and_agree(tmp_path, parallelism):
     data_dir = fake_data(tmp_path / "fmnist")
     env = dict(os.environ)
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
@@ -62,7 +65,7 @@ def test_two_processes_train_and_agree(tmp_path):
     outs = [str(tmp_path / f"params{p}.npz") for p in (0, 1)]
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(p), port, data_dir, workdir, outs[p]],
+            [sys.executable, "-c", WORKER, str(p), port, data_dir, workdir, outs[p], parallelism],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,

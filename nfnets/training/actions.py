@@ -24,11 +24,12 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 
 from nfnets.training import health
 from nfnets.training.checkpoints import Checkpointer
 from nfnets.training.outputs import MetricsWriter, ProgressBar
-from nfnets.training.step import TrainState, replicate, unreplicate, zero_metric_sums
+from nfnets.training.step import TrainState
 
 
 @dataclasses.dataclass
@@ -36,7 +37,7 @@ class RunState:
     """What the loop and its actions share: the replicated state and the clocks.
 
     Attributes:
-      p_state: the training state, replicated over the local devices.
+      p_state: the training state in the device layout of ``config.parallelism``.
       step: steps done so far (the data position).
       start_step: the step this process started (or resumed) at.
       prior_time: training seconds spent before this process resumed.
@@ -69,7 +70,7 @@ def save_checkpoint(trainer, ckpt: Checkpointer, run: RunState) -> None:
     """Merges the running statistics across devices, then saves the host state at ``run.step``."""
     run.p_state = trainer.sync_stats(run.p_state)
     meta = checkpoint_meta(trainer.config, run.train_time())
-    ckpt.save(run.step, unreplicate(run.p_state), meta)
+    ckpt.save(run.step, trainer.host_state(run.p_state), meta)
 
 
 def say(bar: ProgressBar | None, text: str) -> None:
@@ -96,8 +97,7 @@ class LogMetrics:
         plan, step = self.trainer.plan, run.step
         if step % self.every and step != plan.total_steps:
             return
-        sums = unreplicate(run.p_state.metric_sums)
-        run.p_state = run.p_state.replace(metric_sums=replicate(zero_metric_sums()))
+        run.p_state, sums = self.trainer.read_metrics(run.p_state)
         now = time.perf_counter()
         good = int(sums["steps"])
         images = (step - self.last_step) * self.trainer.config.batch_size
@@ -221,7 +221,9 @@ class StopOnDivergence:
         last = run.step == self.trainer.plan.total_steps
         if not self.every or run.diverged or (run.step % self.every and not last):
             return
-        longest = int(unreplicate(run.p_state.longest_skip_streak))
+        # One device's copy (no gather): the counter is equal on every device.
+        streak = run.p_state.longest_skip_streak.addressable_data(0)
+        longest = int(np.asarray(streak).reshape(-1)[0])
         reason = health.streak_reason(longest, self.limit)
         if reason:
             run.diverged = (run.step, reason)

@@ -16,9 +16,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from nfnets.training.losses import accuracy, smoothed_cross_entropy
+from nfnets.training.parallel import BATCH, PER_DEVICE, REPLICATED, Pmap, ShardMap
 from norms import apply_recomputed_stats, recompute_batch_stats, sync_batch_stats
 
 PyTree = Any
@@ -58,6 +58,7 @@ def evaluate(
     batches: Iterable[dict],
     *,
     expected_count: int | None = None,
+    fetch: Callable[[dict], dict] | None = None,
 ) -> dict[str, float]:
     """Runs ``p_eval_step`` over every (device-sharded) batch; returns loss, accuracy, count.
 
@@ -67,17 +68,20 @@ def evaluate(
       batches: device-sharded batches with "mask" (leading axis = local devices).
       expected_count: when given, the number of examples the split holds; a
         different count (examples dropped or counted twice) raises.
+      fetch: the step's (device-identical) sums -> one host copy; default: the
+        first local device's entry of pmap's per-device results.
 
     Returns ``{"loss": mean loss, "accuracy": fraction correct, "count": examples}``
     over the masked examples of all batches (and all processes).
     """
+    # psum made every device's sums identical: one device's copy is read.
+    fetch = fetch or (lambda sums: Pmap().host(sums, REPLICATED))
     loss_sum, correct, count = 0.0, 0.0, 0
     for batch in batches:
-        sums = jax.device_get(p_eval_step(variables, batch))
-        # psum made every device's sums identical: take device 0's.
-        loss_sum += float(np.asarray(sums["loss"])[0])
-        correct += float(np.asarray(sums["correct"])[0])
-        count += int(np.asarray(sums["count"])[0])
+        sums = fetch(p_eval_step(variables, batch))
+        loss_sum += float(sums["loss"])
+        correct += float(sums["correct"])
+        count += int(sums["count"])
     if count == 0:
         raise ValueError("evaluation saw no examples: the eval split is empty")
     if expected_count is not None and count != expected_count:
@@ -88,8 +92,10 @@ def evaluate(
     return {"loss": loss_sum / count, "accuracy": correct / count, "count": count}
 
 
-def make_precise_bn(model: nn.Module, axis_name: str = "batch") -> Callable:
-    """PreciseBN for a pmapped model: ``(p_variables, batches, num_batches, rng) -> batch_stats``.
+def make_precise_bn(
+    model: nn.Module, axis_name: str = "batch", parallel: Pmap | ShardMap | None = None
+) -> Callable:
+    """PreciseBN for a mapped model: ``(p_variables, batches, num_batches, rng) -> batch_stats``.
 
     Runs the frozen model in train mode over ``num_batches`` device-sharded batches,
     collects every stateful norm's batch moments (the ``"batch_moments"``
@@ -97,7 +103,8 @@ def make_precise_bn(model: nn.Module, axis_name: str = "batch") -> Callable:
     (``norms.recompute_batch_stats``), writes them into the running statistics
     (``norms.apply_recomputed_stats``) and finally merges them across
     devices (``sync_batch_stats``; a no-op when the norms already synced over
-    ``axis_name``). Returns the replicated new ``batch_stats``; parameters and the
+    ``axis_name``). Returns the new ``batch_stats`` in ``parallel``'s per-device
+    layout (default :class:`~nfnets.training.parallel.Pmap`); parameters and the
     training state are untouched.
     """
 
@@ -112,13 +119,17 @@ def make_precise_bn(model: nn.Module, axis_name: str = "batch") -> Callable:
         )
         return state["batch_moments"]
 
-    p_stats = jax.pmap(stats_fn, axis_name=axis_name, in_axes=(0, 0, None))
-    p_apply = jax.pmap(
+    par = parallel or Pmap(axis_name)
+    var_kinds = {"params": REPLICATED, "batch_stats": PER_DEVICE}
+    p_stats = par.map(stats_fn, (var_kinds, BATCH, REPLICATED), PER_DEVICE)
+    p_apply = par.map(
         lambda stats, moments: sync_batch_stats(apply_recomputed_stats(stats, moments), axis_name),
-        axis_name=axis_name,
+        (PER_DEVICE, PER_DEVICE),
+        PER_DEVICE,
     )
 
     def precise(p_variables, batches, num_batches: int, rng):
+        rng = par.put(rng, REPLICATED)
         moments = recompute_batch_stats(
             lambda b: p_stats(p_variables, b, rng), batches, num_batches=num_batches
         )

@@ -1,11 +1,13 @@
-"""The training loop: config -> data, model, optimizer -> pmap steps -> periodic actions.
+"""The training loop: config -> data, model, optimizer -> parallel steps -> periodic actions.
 
 ``train(config, workdir)`` runs (or resumes) one experiment and returns the summary
 dict it also writes to ``workdir/summary.json``. Outputs in ``workdir``:
 ``checkpoints/`` (orbax), ``metrics.jsonl``, ``tensorboard/``, ``summary.json``,
 ``training_curves.png``, ``config.json``.
 
-Data parallelism: ``jax.pmap`` over this process's devices with axis ``"batch"``;
+Data parallelism (``config.parallelism``, :mod:`nfnets.training.parallel`):
+``"pmap"`` (``jax.pmap`` over this process's devices) or ``"shard_map"``
+(``jax.jit(jax.shard_map(...))`` over global arrays), both with axis ``"batch"``;
 with several processes (``jax.distributed``) the axis spans every device of every
 process and each process feeds its own slice of the global batch. Exact resume:
 the state (including the metric sums since the last log) is checkpointed, the data
@@ -30,22 +32,24 @@ from nfnets.training import actions as actions_lib
 from nfnets.training import health, outputs
 from nfnets.training.checkpoints import Checkpointer
 from nfnets.training.datasets import load_dataset
-from nfnets.training.evaluation import evaluate, make_pmapped_eval_step, make_precise_bn
+from nfnets.training.evaluation import evaluate, make_eval_step, make_precise_bn
 from nfnets.training.grain_pipeline import make_train_iterator
 from nfnets.training.init import check_init_from, init_from_pretrained
 from nfnets.training.optim import make_optimizer
-from nfnets.training.pipeline import eval_iterator, prefetch, shard_for_pmap
+from nfnets.training.parallel import (
+    BATCH,
+    PER_DEVICE,
+    REPLICATED,
+    make_parallel,
+    pack_metric_sums,
+    state_kinds,
+    unpack_metric_sums,
+    variable_kinds,
+)
+from nfnets.training.pipeline import eval_iterator, prefetch
 from nfnets.training.plan import ConfigError, make_plan
 from nfnets.training.preflight import check_config, prepare_workdir
-from nfnets.training.step import (
-    TrainState,
-    create_train_state,
-    make_pmapped_train_step,
-    make_train_step,
-    model_variables,
-    replicate,
-    unreplicate,
-)
+from nfnets.training.step import TrainState, create_train_state, make_train_step, model_variables
 from norms import sync_batch_stats
 
 AXIS = "batch"
@@ -100,7 +104,7 @@ class Trainer:
         p = self.plan
         self.model = create_model(config.model, num_classes=self.info.num_classes, **p.model_kwargs)
         self.tx, self.schedule = make_optimizer(p.optimizer_config, p.steps_per_epoch)
-        self.init_rng, self.step_rng = jax.random.split(jax.random.key(config.seed))
+        self.init_rng, self.base_rng = jax.random.split(jax.random.key(config.seed))
         size = config.image_size or self.info.image_shape[0]
         self.image_shape = (size, size, self.info.image_shape[2])
         step = make_train_step(
@@ -110,9 +114,36 @@ class Trainer:
             ema_decay_fn=p.ema_decay_fn,
             axis_name=AXIS,
         )
-        self.train_step = make_pmapped_train_step(step, AXIS)
-        self.eval_step = make_pmapped_eval_step(self.model, AXIS)
-        self._sync = jax.pmap(lambda bs: sync_batch_stats(bs, AXIS), axis_name=AXIS)
+        self._compile(step)
+
+    def _compile(self, step) -> None:
+        """The mapped train step, eval steps, stats merge and metric read-out."""
+        par = self.parallel = make_parallel(self.config.get("parallelism", "pmap"), AXIS)
+        kinds = self.kinds = state_kinds(TrainState)
+        self.train_step = par.map(step, (kinds, BATCH, REPLICATED), kinds, donate_argnums=(0,))
+        self.step_rng = par.put(self.base_rng, REPLICATED)  # placed once, not every step
+        eval_step = make_eval_step(self.model, AXIS)
+        self._eval_steps = {
+            bs: par.map(eval_step, (variable_kinds(dict.fromkeys(bs)), BATCH), REPLICATED)
+            for bs in (("params",), ("params", "batch_stats"))
+        }
+        sync = lambda bs: sync_batch_stats(bs, AXIS)
+        self._sync = par.map(sync, (PER_DEVICE,), PER_DEVICE)
+        self._read_metrics = par.map(pack_metric_sums, (REPLICATED,), (REPLICATED, REPLICATED))
+
+    def put_state(self, state: TrainState) -> TrainState:
+        """Host state -> the device layout of the parallel path."""
+        return self.parallel.put(state, self.kinds)
+
+    def host_state(self, p_state: TrainState) -> TrainState:
+        """The first local device's copy of the state, as numpy (no cross-device gather)."""
+        return self.parallel.host(p_state, self.kinds)
+
+    def read_metrics(self, p_state: TrainState) -> tuple[TrainState, dict[str, float]]:
+        """``(state with zeroed metric sums, host sums)``: one small array leaves the device."""
+        packed, zeros = self._read_metrics(p_state.metric_sums)
+        sums = unpack_metric_sums(self.parallel.host(packed, REPLICATED), p_state.metric_sums)
+        return p_state.replace(metric_sums=zeros), sums
 
     def init_state(self) -> TrainState:
         return create_train_state(
@@ -131,7 +162,7 @@ class Trainer:
 
     def eval_batches(self):
         return (
-            shard_for_pmap(b, self.plan.local_devices)
+            self.parallel.put(b, BATCH)
             for b in eval_iterator(
                 self.test_ds,
                 global_batch_size=self.config.eval_batch_size,
@@ -151,11 +182,15 @@ class Trainer:
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
-        return prefetch((shard_for_pmap(b, p.local_devices) for b in it), buffer_size=2)
+        return prefetch((self.parallel.put(b, BATCH) for b in it), buffer_size=2)
 
     def evaluate(self, variables: PyTree) -> dict[str, float]:
         return evaluate(
-            self.eval_step, variables, self.eval_batches(), expected_count=len(self.test_ds)
+            self._eval_steps[tuple(variables)],
+            variables,
+            self.eval_batches(),
+            expected_count=len(self.test_ds),
+            fetch=lambda sums: self.parallel.host(sums, REPLICATED),
         )
 
     def eval_all(self, p_state: TrainState, precise_stats: PyTree | None = None) -> dict:
@@ -181,8 +216,8 @@ class Trainer:
         total = self.plan.total_steps
         batches = self.train_batches(total, num_steps=total + n)
         variables = model_variables(p_state.params, p_state.batch_stats)
-        rng = jax.random.fold_in(self.step_rng, 2**31 - 1)
-        return make_precise_bn(self.model, AXIS)(variables, batches, n, rng)
+        rng = jax.random.fold_in(self.base_rng, 2**31 - 1)
+        return make_precise_bn(self.model, AXIS, self.parallel)(variables, batches, n, rng)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> dict:
@@ -294,7 +329,7 @@ def run(
     if init_message and trainer.is_writer:
         actions_lib.say(bar, init_message)
     run_state = actions_lib.RunState(
-        p_state=replicate(state, trainer.plan.local_devices),
+        p_state=trainer.put_state(state),
         step=start_step,
         start_step=start_step,
         prior_time=prior_time,
@@ -325,7 +360,7 @@ def run(
             bar.close()
         if writer:
             writer.close()
-        return {"interrupted": True, "steps": run_state.step}, unreplicate(run_state.p_state)
+        return {"interrupted": True, "steps": run_state.step}, trainer.host_state(run_state.p_state)
     return _finish(trainer, ckpt, run_state, loop_time, writer, bar)
 
 
@@ -338,7 +373,7 @@ def _finish(trainer: Trainer, ckpt, run_state, loop_time: float, writer, bar):
     config, step = trainer.config, run_state.step
     results = {"test_loss": None, "test_accuracy": None}
     p_state = trainer.sync_stats(run_state.p_state)
-    final_state = unreplicate(p_state)
+    final_state = trainer.host_state(p_state)
     if run_state.diverged is None:
         results = trainer.eval_all(p_state, trainer.precise_bn(p_state))
         reason = health.eval_reason(results)

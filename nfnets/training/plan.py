@@ -22,6 +22,7 @@ import ml_collections
 
 import norms
 from nfnets.training.optim import ema_decay_nfnet, schedule_steps
+from nfnets.training.parallel import PARALLELISMS
 from nfnets.training.pipeline import steps_per_epoch as full_batches_per_epoch
 from norms.linen import STATEFUL_NORM_NAMES
 
@@ -112,6 +113,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
                 f"with sync_batch_stats='groups' give a group size that divides the "
                 f"{num_devices} devices",
             )
+    parallelism = config.get("parallelism", "pmap")
+    if parallelism not in PARALLELISMS:
+        raise _err("parallelism", parallelism, f"use one of {PARALLELISMS}")
     if config.dtype not in DTYPES:
         raise _err("dtype", config.dtype, f"use one of {DTYPES}")
     if config.num_epochs <= 0 and config.num_train_steps <= 0:
