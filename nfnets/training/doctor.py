@@ -301,7 +301,8 @@ def diagnose(workdir: str, *, batches: int = 50, sizes: tuple[int, ...] | None =
     try:
         trainer = Trainer(config, workdir)
     except Exception as e:  # noqa: BLE001 - config errors, missing data: one line
-        raise DoctorError(f"cannot rebuild the run from its config.json: {e}") from None
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DoctorError(f"cannot rebuild the run from its config.json: {msg}") from None
     state = restore_latest(trainer)
     if not jax.tree.leaves(state.batch_stats):
         return {
