@@ -21,11 +21,12 @@ from typing import Any
 
 import numpy as np
 
+from norms.running_stats import has_stats_field, stats_field
+
 
 def _field(node: Any, key: str) -> Any:
-    if isinstance(node, Mapping):
-        return node.get(key)
-    return getattr(node, key, None)
+    """``node``'s entry ``key``, or None when the node has none (e.g. no running mean)."""
+    return stats_field(node, key) if has_stats_field(node, key) else None
 
 
 def _is_node(node: Any) -> bool:

@@ -35,16 +35,21 @@ def make_eval_step(model: nn.Module, axis_name: str = "batch") -> Callable:
 
     def eval_step(variables: PyTree, batch: dict) -> dict[str, jax.Array]:
         logits = model.apply(variables, batch["image"], train=False)
-        mask = batch["mask"].astype(bool)
-        loss = smoothed_cross_entropy(logits, batch["label"], 0.0)
-        sums = {
-            "loss": jnp.sum(jnp.where(mask, loss, 0.0)),
-            "correct": jnp.sum(jnp.where(mask, accuracy(logits, batch["label"]), 0.0)),
-            "count": jnp.sum(mask.astype(jnp.int32)),
-        }
-        return jax.lax.psum(sums, axis_name)
+        return masked_sums(logits, batch, axis_name)
 
     return eval_step
+
+
+def masked_sums(logits: jax.Array, batch: dict, axis_name: str) -> dict[str, jax.Array]:
+    """The eval sums of one device's logits (n, K) over ``batch["mask"]``, psummed over the axis."""
+    mask = batch["mask"].astype(bool)
+    loss = smoothed_cross_entropy(logits, batch["label"], 0.0)
+    sums = {
+        "loss": jnp.sum(jnp.where(mask, loss, 0.0)),
+        "correct": jnp.sum(jnp.where(mask, accuracy(logits, batch["label"]), 0.0)),
+        "count": jnp.sum(mask.astype(jnp.int32)),
+    }
+    return jax.lax.psum(sums, axis_name)
 
 
 def make_pmapped_eval_step(model: nn.Module, axis_name: str = "batch") -> Callable:
