@@ -44,7 +44,7 @@ from norms.batch_renorm import BatchRenormState, batch_renorm
 from norms.evo_norm import evonorm_b0, evonorm_s0
 from norms.filter_response_norm import filter_response_norm
 from norms.group_norm import group_norm, instance_norm, layer_norm
-from norms.registry import NORM_CLASSES, NORM_NAMES, resolve
+from norms.registry import NORM_CLASSES, NORM_NAMES, call_stateful, resolve
 from norms.running_stats import BatchNormState, init_batch_norm_state
 from norms.switchable_norm import switchable_norm
 
@@ -122,20 +122,18 @@ class _Stateful(_Affine):
         variables, state = self.running_state(c, with_step=with_step)
         scale, bias = self.affine(c)
         params = () if extra is None else extra(c)
-        y, new_state, batch_moments = fn(
+        on_stale = "ignore" if self.is_initializing() else self.on_stale
+        y, new_state, batch_moments = call_stateful(
+            fn,
+            self,
             x,
             state,
             scale,
             bias,
             *params,
             train=train,
-            momentum=self.momentum,
-            eps=self.eps,
-            axis=self.axis,
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
             mask=mask,
-            on_stale="ignore" if self.is_initializing() else self.on_stale,
+            on_stale=on_stale,
             return_batch_stats=True,
             **kwargs,
         )

@@ -49,7 +49,7 @@ from norms.batch_renorm import BatchRenormState, batch_renorm, init_batch_renorm
 from norms.evo_norm import evonorm_b0, evonorm_s0
 from norms.filter_response_norm import filter_response_norm
 from norms.group_norm import group_norm, instance_norm, layer_norm
-from norms.registry import NORM_NAMES, resolve
+from norms.registry import NORM_NAMES, call_stateful, resolve
 from norms.running_stats import BatchNormState, init_batch_norm_state
 from norms.switchable_norm import switchable_norm
 
@@ -150,21 +150,9 @@ class _Stateful(_Affine):
             )
         stats = [getattr(self, n) for n in self.State._fields]
         state = self.State(*(v[...] for v in stats))
-        y, new_state = fn(
-            x,
-            state,
-            _get(self.scale),
-            _get(self.bias),
-            *(_get(p) for p in extra),
-            train=train,
-            momentum=self.momentum,
-            eps=self.eps,
-            axis=self.axis,
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            mask=mask,
-            on_stale=self.on_stale,
-            **kwargs,
+        params = (_get(p) for p in (self.scale, self.bias, *extra))
+        y, new_state = call_stateful(
+            fn, self, x, state, *params, train=train, mask=mask, on_stale=self.on_stale, **kwargs
         )
         if train:
             for v, value in zip(stats, new_state, strict=True):

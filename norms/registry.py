@@ -2,7 +2,8 @@
 
 Each name maps to a class name; ``norms.linen.make`` and ``norms.nnx.make`` look
 that class up in their own module, so both APIs accept exactly the same names
-and a new norm is registered once, here.
+and a new norm is registered once, here. :func:`call_stateful` is the one call
+of a pure stateful norm with a module's fields, also shared by both APIs.
 """
 
 from __future__ import annotations
@@ -50,4 +51,38 @@ def resolve(
     return cls
 
 
-__all__ = ["NORM_CLASSES", "NORM_NAMES", "resolve"]
+def call_stateful(
+    fn: Callable[..., Any],
+    module: Any,
+    x: Any,
+    state: Any,
+    *params: Any,
+    train: bool,
+    mask: Any,
+    on_stale: str,
+    **kwargs: Any,
+) -> Any:
+    """``fn(x, state, *params, train, momentum, eps, axis, axis_name, ...)`` for a module.
+
+    ``params`` are ``(scale, bias, *extra)``; the module's (linen or NNX) attributes
+    ``momentum``, ``eps``, ``axis``, ``axis_name`` and ``axis_index_groups`` are
+    passed by name with ``train``, ``mask``, ``on_stale`` and ``kwargs``. Returns
+    what ``fn`` returns (``(y, new_state)``, plus the batch moments when asked).
+    """
+    return fn(
+        x,
+        state,
+        *params,
+        train=train,
+        momentum=module.momentum,
+        eps=module.eps,
+        axis=module.axis,
+        axis_name=module.axis_name,
+        axis_index_groups=module.axis_index_groups,
+        mask=mask,
+        on_stale=on_stale,
+        **kwargs,
+    )
+
+
+__all__ = ["NORM_CLASSES", "NORM_NAMES", "call_stateful", "resolve"]
