@@ -35,8 +35,6 @@ splits read record by record, i.e. TFDS ImageNet; numpy for splits in memory).
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import os
 import sys
 from collections.abc import Iterator
@@ -47,49 +45,10 @@ import numpy as np
 
 from nfnets.training.augment import Augment, augment_from_config
 from nfnets.training.datasets import Dataset, SourceDataset
-from nfnets.training.pipeline import (
-    check_train_args,
-    epoch_permutation,
-    steps_per_epoch,
-    train_batch,
-    train_iterator,
-)
+from nfnets.training.pipeline import StepBatch, check_train_args, train_iterator
 
 INPUT_PIPELINES = ("auto", "numpy", "grain")
 MAX_AUTO_WORKERS = 16
-
-# One epoch's order per worker process: ImageNet's 1.28M-entry permutation takes
-# tens of milliseconds, so it is drawn once per epoch, not once per batch.
-_epoch_order = functools.lru_cache(maxsize=2)(epoch_permutation)
-
-
-@dataclasses.dataclass(frozen=True)
-class _StepBatch:
-    """step -> this process's training batch; pickled to every worker process."""
-
-    dataset: Dataset
-    global_batch_size: int
-    seed: int
-    process_index: int
-    process_count: int
-    augment: Augment
-    image_size: int | None
-
-    def __call__(self, step: int) -> dict[str, np.ndarray]:
-        step = int(step)
-        n = len(self.dataset)
-        order = _epoch_order(n, self.seed, step // steps_per_epoch(n, self.global_batch_size))
-        return train_batch(
-            self.dataset,
-            step,
-            global_batch_size=self.global_batch_size,
-            seed=self.seed,
-            process_index=self.process_index,
-            process_count=self.process_count,
-            augment=self.augment,
-            image_size=self.image_size,
-            order=order,
-        )
 
 
 def grain_train_iterator(
@@ -126,7 +85,7 @@ def grain_train_iterator(
         if not isinstance(value, int | np.integer) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}.")
     stop = sys.maxsize if num_steps is None else max(int(num_steps), start_step)
-    build = _StepBatch(
+    build = StepBatch(
         dataset,
         global_batch_size,
         seed,

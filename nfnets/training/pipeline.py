@@ -21,6 +21,8 @@ runs it in grain worker processes for ImageNet-sized data.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import queue
 import threading
 from collections.abc import Iterator
@@ -112,25 +114,47 @@ def train_iterator(
     check_train_args(dataset, global_batch_size, seed, process_index, process_count, image_size)
     if start_step < 0:
         raise ValueError(f"start_step must be >= 0, got {start_step}.")
-    per_epoch = steps_per_epoch(len(dataset), global_batch_size)
-    epoch, order = -1, None
+    build = StepBatch(
+        dataset, global_batch_size, seed, process_index, process_count, augment, image_size
+    )
     step = start_step
     while num_steps is None or step < num_steps:
-        if step // per_epoch != epoch:
-            epoch = step // per_epoch
-            order = epoch_permutation(len(dataset), seed, epoch)
-        yield train_batch(
-            dataset,
+        yield build(step)
+        step += 1
+
+
+# One epoch's order per process: ImageNet's 1.28M-entry permutation takes tens of
+# milliseconds, so it is drawn once per epoch, not once per batch.
+_epoch_order = functools.lru_cache(maxsize=2)(epoch_permutation)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepBatch:
+    """step -> this process's training batch (`train_batch`); picklable for grain workers."""
+
+    dataset: Dataset
+    global_batch_size: int
+    seed: int
+    process_index: int
+    process_count: int
+    augment: Augment | None
+    image_size: int | None
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        step = int(step)
+        n = len(self.dataset)
+        order = _epoch_order(n, self.seed, step // steps_per_epoch(n, self.global_batch_size))
+        return train_batch(
+            self.dataset,
             step,
-            global_batch_size=global_batch_size,
-            seed=seed,
-            process_index=process_index,
-            process_count=process_count,
-            augment=augment,
-            image_size=image_size,
+            global_batch_size=self.global_batch_size,
+            seed=self.seed,
+            process_index=self.process_index,
+            process_count=self.process_count,
+            augment=self.augment,
+            image_size=self.image_size,
             order=order,
         )
-        step += 1
 
 
 def check_train_args(
