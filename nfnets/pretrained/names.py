@@ -127,15 +127,22 @@ def _block_index(shapes: Mapping[Path, tuple[int, ...]]) -> dict[str, tuple[int,
     return {name: (s, b, i) for i, (name, (s, b)) in enumerate(ordered)}
 
 
-def deepmind_table(model: NFNet) -> list[Leaf]:
-    """Our leaves with their DeepMind keys ``"module/param"`` (all arrays keep their shape)."""
+def _leaves(model: NFNet):
+    """``(path, shape, top, rest, block)`` per leaf: ``path == ("params", top, *rest)``;
+    ``block`` is ``(stage, block, index)`` from `_block_index`, None outside the blocks."""
     shapes = param_shapes(model)
     blocks = _block_index(shapes)
-    table = []
     for path, shape in shapes.items():
         _, top, *rest = path
-        if top in blocks:
-            index = blocks[top][2]
+        yield path, shape, top, rest, blocks.get(top)
+
+
+def deepmind_table(model: NFNet) -> list[Leaf]:
+    """Our leaves with their DeepMind keys ``"module/param"`` (all arrays keep their shape)."""
+    table = []
+    for path, shape, top, rest, block in _leaves(model):
+        if block is not None:
+            index = block[2]
             module = "NFNet/~/nf_block" + (f"_{index}" if index else "")
             if rest == ["skip_gain"]:
                 key = f"{module}/skip_gain"
@@ -169,13 +176,10 @@ def _timm_leaf(path: Path, shape: tuple[int, ...], key: str, kind: str) -> Leaf:
 
 def timm_table(model: NFNet) -> list[Leaf]:
     """Our leaves with their timm ``dm_nfnet_*`` state-dict keys and PyTorch shapes."""
-    shapes = param_shapes(model)
-    blocks = _block_index(shapes)
     table = []
-    for path, shape in shapes.items():
-        _, top, *rest = path
-        if top in blocks:
-            s, b, _ = blocks[top]
+    for path, shape, top, rest, block in _leaves(model):
+        if block is not None:
+            s, b, _ = block
             prefix = f"stages.{s}.{b}"
             if rest == ["skip_gain"]:
                 leaf = _timm_leaf(path, shape, f"{prefix}.skipinit_gain", "scalar")
