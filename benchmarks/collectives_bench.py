@@ -24,14 +24,13 @@ Everything runs in one subprocess with ``XLA_FLAGS=--xla_force_host_platform_dev
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
 import statistics
-import subprocess
 import sys
 import time
+
+from benchmarks._subprocess import json_with_cpu_devices
 
 DEVICES = 512
 STRATEGIES = ("gather", "psum")
@@ -154,20 +153,11 @@ def measure_here() -> dict:
 
 def measure() -> dict:
     """:func:`measure_here` in a subprocess with ``DEVICES`` virtual CPU devices."""
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={DEVICES}"
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
     code = (
         "import json; from benchmarks.collectives_bench import measure_here; "
         "print(json.dumps(measure_here()))"
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    res = subprocess.run(
-        [sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, check=True
-    )
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return json_with_cpu_devices(code, DEVICES)
 
 
 def table(res: dict) -> str:

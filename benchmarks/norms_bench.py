@@ -29,12 +29,9 @@ Run: ``python -m benchmarks.norms_bench`` (or ``make bench``). Prints markdown t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import time
 
 import flax.linen as nn
@@ -43,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import norms
+from benchmarks._subprocess import json_with_cpu_devices
 
 COLLECTIVES = ("all_gather", "all_reduce", "reduce_scatter", "all_to_all")
 
@@ -203,20 +201,11 @@ def count_collectives(devices: int = 8) -> dict:
     """:func:`count_collectives_here`, in a subprocess with virtual CPU devices if needed."""
     if jax.device_count() >= devices:
         return count_collectives_here(devices)
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
     code = (
         "import json; from benchmarks.norms_bench import count_collectives_here; "
         f"print(json.dumps(count_collectives_here({devices})))"
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    res = subprocess.run(
-        [sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, check=True
-    )
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return json_with_cpu_devices(code, devices)
 
 
 def cpu_model() -> str:
