@@ -50,7 +50,11 @@ def test_idx_reads_hand_built_file(tmp_path):
         (b"\x00\x00\x08\x02" + struct.pack(">I", 2), "truncated IDX header"),
         (b"\x00\x00\x08\x01" + struct.pack(">I", 4) + b"abc", "truncated"),
         (b"\x00\x00\x08\x01" + struct.pack(">I", 2) + b"abc", "trailing bytes"),
-        (gzip.compress(b"\x00\x00\x08\x01" + struct.pack(">I", 1) + b"a"), "bad IDX magic"),
+        # mtime=0: the same bytes (and test id) in every xdist worker
+        (
+            gzip.compress(b"\x00\x00\x08\x01" + struct.pack(">I", 1) + b"a", mtime=0),
+            "bad IDX magic",
+        ),
     ],
 )
 def test_idx_errors(tmp_path, payload, match):
