@@ -46,8 +46,9 @@ from nfnets.training import doctor_report
 from nfnets.training.checkpoints import Checkpointer
 from nfnets.training.evaluation import evaluate, masked_sums
 from nfnets.training.loop import AXIS, Trainer
+from nfnets.training.parallel import PER_DEVICE
 from nfnets.training.pipeline import eval_iterator, shard_for_pmap
-from nfnets.training.step import TrainState, model_variables, replicate, unreplicate
+from nfnets.training.step import TrainState, model_variables, replicate
 from norms import compare_batch_stats
 from norms.linen import module_fields
 from norms.running_stats import StaleStatisticsWarning, is_stats_node
@@ -170,7 +171,7 @@ def batch_stats_eval(trainer, model, variables, global_batch: int, devices) -> d
         return masked_sums(logits, batch, AXIS)
 
     p_step = jax.pmap(step, axis_name=AXIS, in_axes=(0, 0, None), devices=devices)
-    rng = jax.random.fold_in(trainer.step_rng, 2**31 - 2)
+    rng = jax.random.fold_in(trainer.base_rng, 2**31 - 2)
     batches = eval_iterator(
         trainer.test_ds,
         global_batch_size=global_batch,
@@ -315,9 +316,9 @@ def diagnose(workdir: str, *, batches: int = 50, sizes: tuple[int, ...] | None =
     host_vars = model_variables(state.params, state.batch_stats)
     layers = norm_layers(trainer.model, host_vars, trainer.image_shape)
     norm_batch, ghost = normalization_batch(config, trainer.plan, layers)
-    p_state = replicate(state, trainer.plan.local_devices)
+    p_state = trainer.put_state(state)
     precise = trainer.precise_bn(p_state)
-    rows = _layer_rows(state.batch_stats, unreplicate(precise), list(layers))
+    rows = _layer_rows(state.batch_stats, trainer.parallel.host(precise, PER_DEVICE), list(layers))
     run = _run_facts(workdir, config, trainer, state, layers, norm_batch, ghost, batches)
     run["layers_at_init"] = [r["name"] for r in rows if _at_init(state.batch_stats, r["name"])]
     sizes = other_sizes(norm_batch, len(trainer.test_ds), OTHER_SIZES if sizes is None else sizes)
