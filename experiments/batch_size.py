@@ -192,11 +192,12 @@ def plot(entries: list[dict], path: str) -> None:
         if pts:
             xs_all.update(x for x, _ in pts)
             ax.plot([x for x, _ in pts], [y for _, y in pts], style, label=label)
-    for key, entry in e.items():
-        if key in FLAT or key == "nf":
-            if entry.get("test_accuracy") is not None:
-                label = entry.get("info", {}).get("label", key)
-                ax.axhline(100 * (1 - entry["test_accuracy"]), ls=":", lw=1.2, label=label)
+    styles = (":", "-.", (0, (5, 2)), (0, (1, 1)), (0, (3, 1, 1, 1)), "--", ":")
+    flat = [k for k in (*FLAT, "nf") if k in e and e[k].get("test_accuracy") is not None]
+    for i, key in enumerate(flat):
+        label = e[key].get("info", {}).get("label", key)
+        y = 100 * (1 - e[key]["test_accuracy"])
+        ax.axhline(y, ls=styles[i % len(styles)], lw=1.3, c=f"C{5 + i}", label=label)
     spread = seed_spread(entries)
     if spread and "bn_full" in e:
         x = e["bn_full"]["info"]["norm_batch"]
