@@ -1,0 +1,165 @@
+"""Every experiment runs end to end with ``--quick`` (so the scripts cannot rot).
+
+Each runs all its cells for a few steps on tiny fake Fashion-MNIST IDX files and
+must write one JSON entry per cell (no cell raising), the markdown table and the
+PNG. Also checked: resume (a finished cell is not rerun), ``--only``, a raising
+cell recorded as diverged without stopping the grid, SyncBN matching one device,
+and the intermediate PreciseBN probe reproducing the in-training evaluation.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+
+import pytest
+
+from experiments import grid, sync
+from tests.nfnets.tiny_config import fake_data
+
+NAMES = ("batch_size", "running_stats", "sync", "agc", "cost")
+FIELDS = ("key", "overrides", "seed", "status", "diverged", "steps", "images_per_sec")
+TRAIN_FIELDS = ("test_accuracy", "test_loss", "wall_time_s", "workdir", "cpu_time_s")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return fake_data(tmp_path_factory.mktemp("fashion_mnist"))
+
+
+CACHE: list[str] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache_dir(tmp_path_factory):
+    """One JAX compilation cache for the module: the cells share many programs."""
+    CACHE[:] = [str(tmp_path_factory.mktemp("jax_cache"))]
+
+
+def quick_args(tmp_path, data_dir, *extra):
+    return [
+        "--quick",
+        "--out",
+        str(tmp_path / "out"),
+        "--workdir-root",
+        str(tmp_path / "runs"),
+        "--data-dir",
+        data_dir,
+        "--cache-dir",
+        CACHE[0],
+        *extra,
+    ]
+
+
+def load(tmp_path, name):
+    return json.loads((tmp_path / "out" / f"{name}.json").read_text())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_quick_run_writes_every_cell(name, tmp_path, data_dir):
+    exp = importlib.import_module(f"experiments.{name}").EXPERIMENT
+    entries = grid.main(exp, quick_args(tmp_path, data_dir))
+    keys = [c.key for c in exp.cells(True)]
+    assert [e["key"] for e in entries] == keys
+    results = load(tmp_path, name)
+    assert results["quick"] is True
+    assert [e["key"] for e in results["cells"]] == keys
+    assert set(results["environment"]["versions"]) >= {"jax", "flax", "optax"}
+    assert results["environment"]["git"]["commit"]
+    for e in results["cells"]:
+        assert e["status"] != "error", (e["key"], e.get("error"))
+        assert all(f in e for f in FIELDS), e["key"]
+        if name != "cost":
+            assert all(f in e for f in TRAIN_FIELDS), e["key"]
+            assert e["steps"] == e["overrides"]["num_train_steps"]
+    md = (tmp_path / "out" / f"{name}.md").read_text()
+    assert md.count("\n|") >= len(keys) // 2
+    png = (tmp_path / "out" / f"{name}.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    if name == "sync":
+        check_sync(results["cells"])
+    if name == "running_stats":
+        for e in results["cells"]:
+            # The probe restores the step-s checkpoint and re-evaluates it: it must
+            # reproduce the evaluation made during training at s exactly.
+            assert e["probe_max_abs_diff"] == 0.0, e["key"]
+            assert [p["step"] for p in e["curve"]] == [2, 4]
+    if name == "batch_size":
+        bn = next(e for e in results["cells"] if e["key"] == "bn_full")
+        assert "test_accuracy_precise_bn" in bn
+
+
+def check_sync(cells):
+    by = {e["key"]: e for e in cells}
+    # SyncBN over 8 devices x 2 examples is batch norm over the global batch of 16:
+    # every logged training loss equals the single device's to float rounding.
+    diff = sync.max_abs_diff(by["all"], by["single"], "train_loss")
+    assert diff is not None and diff < 1e-5
+    assert len(by["all"]["curve"]) >= 4
+    # Per-device statistics (BN over 2) are a different function: visibly different.
+    assert sync.max_abs_diff(by["none"], by["single"], "train_loss") > 100 * diff
+
+
+def test_resume_skips_finished_cells_and_only_reruns_one(tmp_path, data_dir):
+    args = quick_args(tmp_path, data_dir)
+    grid.main(sync.EXPERIMENT, args)
+    first = {e["key"]: e for e in load(tmp_path, "sync")["cells"]}
+    grid.main(sync.EXPERIMENT, args)
+    again = {e["key"]: e for e in load(tmp_path, "sync")["cells"]}
+    assert again == first  # nothing rerun
+    grid.main(sync.EXPERIMENT, [*args, "--only", "groups2"])
+    after = {e["key"]: e for e in load(tmp_path, "sync")["cells"]}
+    assert after["groups2"]["cell_time_s"] != first["groups2"]["cell_time_s"]
+    assert {k: v for k, v in after.items() if k != "groups2"} == {
+        k: v for k, v in first.items() if k != "groups2"
+    }
+    with pytest.raises(SystemExit, match="no such cell"):
+        grid.main(sync.EXPERIMENT, [*args, "--only", "nonexistent"])
+
+
+def test_raising_cell_is_recorded_as_diverged(tmp_path, data_dir):
+    base = {**grid.QUICK_RESNET, **grid.QUIET, "batch_size": 16, "eval_batch_size": 16}
+    base.update(num_train_steps=1, warmup_epochs=0.0, precise_bn_batches=0)
+    bad = grid.Cell(
+        "bad",
+        "fashion_mnist_norms",
+        {**base, "model_kwargs.norm_kwargs": {"ghost_batch_size": 3}},
+        devices=0,
+    )  # 3 does not divide the batch: train raises
+    good = grid.Cell("good", "fashion_mnist_norms", base, devices=0)
+    exp = grid.Experiment(
+        name="toy",
+        description="toy",
+        cells=lambda quick: [bad, good],
+        table=lambda entries: grid.markdown_table(["k"], [[e["key"]] for e in entries]),
+        plot=lambda entries, path: grid.save_figure(grid.new_figure()[0], path),
+    )
+    entries = grid.main(exp, quick_args(tmp_path, data_dir))
+    by = {e["key"]: e for e in entries}
+    assert by["bad"]["status"] == "error" and by["bad"]["diverged"] is True
+    assert "ghost_batch_size" in by["bad"]["error"]
+    assert by["good"]["status"] != "error" and by["good"]["steps"] == 1
+
+
+@pytest.mark.parametrize(
+    ("summary", "error", "expected"),
+    [
+        ({"test_loss": 0.5, "test_accuracy": 0.8}, None, False),
+        ({"test_loss": math.nan, "test_accuracy": 0.8}, None, True),
+        ({"test_loss": math.inf, "test_accuracy": 0.8}, None, True),
+        ({"test_loss": 2.3, "test_accuracy": 0.1}, None, True),  # chance: 1 / 10 classes
+        ({"test_loss": 2.0, "test_accuracy": 0.16}, None, False),
+        ({}, "ValueError: boom", True),
+    ],
+)
+def test_is_diverged(summary, error, expected):
+    assert grid.is_diverged(summary, error) is expected
+
+
+def test_overrides_reject_unknown_keys():
+    cell = grid.Cell("x", "fashion_mnist_norms", {"batch_sise": 3})
+    with pytest.raises(KeyError, match="batch_sise"):
+        grid.build_config(cell)
+    cell = grid.Cell("x", "fashion_mnist_norms", {"model_kwargs.widths": [4, 8]})
+    assert grid.build_config(cell).model_kwargs.widths == (4, 8)
