@@ -44,6 +44,13 @@ RESUME_FREE_KEYS = (
     "precise_bn_batches",
     "max_consecutive_skipped_steps",
     "distributed.",
+    # Same batches and the same state either way (tested), so a resume may switch:
+    "parallelism",
+    "input_pipeline",
+    "data_workers",
+    # Read only by a fresh run; a resume restores its checkpoint instead.
+    "init_from",
+    "init_exclude",
 )
 LENGTH_KEYS = ("num_epochs", "num_train_steps")
 CONFIG_FILE = "config.json"

@@ -16,7 +16,7 @@ import math
 import pytest
 
 from experiments import grid, sync
-from tests.nfnets.tiny_config import fake_data
+from tests.nfnets.training.tiny_config import fake_data
 
 NAMES = ("batch_size", "running_stats", "sync", "agc", "cost")
 FIELDS = ("key", "overrides", "seed", "status", "diverged", "steps", "images_per_sec")
