@@ -83,7 +83,8 @@ def probe(config, workdir: Path, step: int) -> dict:
     c.warmup_epochs = 0.0  # no step is trained; keeps the warmup check quiet
     c.eval_every_steps = 0
     c.checkpoint_every_steps = 0
-    summary = train(c, str(probe_dir))
+    # extend: the copied checkpoint is the end of this shorter run (no step trained).
+    summary = train(c, str(probe_dir), extend=True)
     shutil.rmtree(probe_dir)
     return summary
 

@@ -259,12 +259,12 @@ def _finished_summary(trainer: Trainer, start_step: int, extend: bool) -> dict |
     total, workdir = trainer.plan.total_steps, trainer.workdir
     if start_step < total:
         return None
-    if extend:
+    path = os.path.join(workdir, outputs.SUMMARY_FILE)
+    if extend and (start_step > total or os.path.exists(path)):
         raise ConfigError(
             f"--extend: {workdir} already holds {start_step} steps and the config asks for "
             f"{total}; raise num_epochs or num_train_steps"
         )
-    path = os.path.join(workdir, outputs.SUMMARY_FILE)
     if not os.path.exists(path):
         return None  # stopped after the last checkpoint: evaluate and summarize it
     actions_lib.say(

@@ -52,7 +52,8 @@ RESUME_FREE_KEYS = (
     "init_from",
     "init_exclude",
 )
-LENGTH_KEYS = ("num_epochs", "num_train_steps")
+# The schedule's length, free under --extend (the schedule is re-derived anyway).
+LENGTH_KEYS = ("num_epochs", "num_train_steps", "warmup_epochs")
 CONFIG_FILE = "config.json"
 OUTPUT_NAMES = (
     "checkpoints",
