@@ -15,13 +15,12 @@ stay at their initial mean 0 / variance 1).
 
 PreciseBN at an intermediate step: the trainer computes PreciseBN only at the end
 of a run, so the checkpoint of step s (``checkpoint_every_steps`` = the evaluation
-interval) is copied into a probe workdir and ``train`` is called there with
-``num_train_steps = s``: it restores, trains no step, recomputes the statistics
-and evaluates both ways. Its running-average accuracy must equal the in-training
-evaluation at s (column "probe check").
-
-Not measured: evaluation with train-mode batch statistics (each test batch
-normalized by its own statistics); ``nfnets.training`` has no option for it.
+interval) is copied with the run's ``config.json`` into a probe workdir and
+``nfnets.training.doctor.diagnose`` evaluates it three ways: running averages,
+PreciseBN (20 training batches) and train-mode batch statistics (each test batch
+normalized by its own statistics, at the run's normalization batch). Its
+running-average accuracy must equal the in-training evaluation at s (column
+"probe check"). The doctor's verdict on each final workdir is in the table.
 
 The final workdirs stay in ``runs/experiments/running_stats/<key>``.
 
@@ -69,24 +68,35 @@ def cells(quick: bool) -> list[grid.Cell]:
     return out
 
 
-def probe(config, workdir: Path, step: int) -> dict:
-    """Running-average and PreciseBN test accuracy of the checkpoint at ``step``."""
-    from nfnets.training import train
+def probe(config, workdir: Path, step: int | None = None) -> dict:
+    """Test accuracy of the checkpoint at ``step`` (None: the final one) three ways.
 
-    probe_dir = workdir.parent / f"{workdir.name}.probe{step}"
-    if probe_dir.exists():
+    Runs ``nfnets.training.doctor.diagnose`` on a copy holding only that
+    checkpoint: running averages, PreciseBN (20 training batches) and train-mode
+    batch statistics at the run's normalization batch; also its verdict.
+    """
+    from nfnets.training.doctor import diagnose
+
+    if step is None:
+        d = diagnose(str(workdir), batches=20, sizes=())
+    else:
+        probe_dir = workdir.parent / f"{workdir.name}.probe{step}"
+        if probe_dir.exists():
+            shutil.rmtree(probe_dir)
+        (probe_dir / "checkpoints").mkdir(parents=True)
+        src = workdir / "checkpoints" / str(step)
+        shutil.copytree(src, probe_dir / "checkpoints" / str(step))
+        shutil.copy(workdir / "config.json", probe_dir / "config.json")
+        d = diagnose(str(probe_dir), batches=20, sizes=())
         shutil.rmtree(probe_dir)
-    (probe_dir / "checkpoints").mkdir(parents=True)
-    shutil.copytree(workdir / "checkpoints" / str(step), probe_dir / "checkpoints" / str(step))
-    c = config.copy_and_resolve_references()
-    c.num_train_steps = step
-    c.warmup_epochs = 0.0  # no step is trained; keeps the warmup check quiet
-    c.eval_every_steps = 0
-    c.checkpoint_every_steps = 0
-    # extend: the copied checkpoint is the end of this shorter run (no step trained).
-    summary = train(c, str(probe_dir), extend=True)
-    shutil.rmtree(probe_dir)
-    return summary
+    ev = d["eval"]
+    return {
+        "running": ev["running"]["accuracy"],
+        "precise_bn": ev["precise_bn"]["accuracy"],
+        "batch_stats": ev["batch_stats"]["accuracy"],
+        "causes": d["causes"],
+        "verdict": d["verdict"],
+    }
 
 
 def after_cell(cell: grid.Cell, config, workdir: Path, entry: dict) -> dict:
@@ -96,19 +106,22 @@ def after_cell(cell: grid.Cell, config, workdir: Path, entry: dict) -> dict:
     total = int(config.num_train_steps)
     curve = []
     for step in sorted(running):
-        point = {"step": step, "running": running[step]}
-        if step == total:
-            point["precise_bn"] = entry.get("test_accuracy_precise_bn")
-            point["probe_running"] = running[step]
-        else:
-            s = probe(config, workdir, step)
-            point["precise_bn"] = grid.finite_or_none(s.get("test_accuracy_precise_bn"))
-            point["probe_running"] = grid.finite_or_none(s.get("test_accuracy"))
+        p = probe(config, workdir, None if step == total else step)
+        point = {"step": step, "running": running[step], "probe_running": p["running"]}
+        point["precise_bn"] = grid.finite_or_none(p["precise_bn"])
+        point["batch_stats"] = grid.finite_or_none(p["batch_stats"])
         curve.append(point)
+    final = curve[-1] if curve else {}
     check = [
         abs(p["probe_running"] - p["running"]) for p in curve if p["probe_running"] is not None
     ]
-    return {"curve": curve, "probe_max_abs_diff": max(check) if check else None}
+    return {
+        "curve": curve,
+        "probe_max_abs_diff": max(check) if check else None,
+        "test_accuracy_batch_stats": final.get("batch_stats"),
+        "doctor_causes": p["causes"] if curve else None,
+        "doctor_verdict": p["verdict"] if curve else None,
+    }
 
 
 def table(entries: list[dict]) -> str:
@@ -125,6 +138,8 @@ def table(entries: list[dict]) -> str:
                 None if not gaps else f"{100 * max(gaps):+.1f}",
                 None if not gaps else f"{100 * sum(gaps) / len(gaps):+.1f}",
                 None if e.get("probe_max_abs_diff") is None else f"{e['probe_max_abs_diff']:.1e}",
+                _fmt(e.get("test_accuracy_batch_stats")),
+                ", ".join(e.get("doctor_causes") or []) or None,
             ]
         )
     headers = [
@@ -135,11 +150,17 @@ def table(entries: list[dict]) -> str:
         "max gap (points)",
         "mean gap (points)",
         "probe check",
+        "final, batch stats %",
+        "doctor",
     ]
     text = grid.markdown_table(headers, rows)
+    verdicts = [(e["key"], v) for e in entries for v in e.get("doctor_verdict") or []]
+    if verdicts:
+        text += "\n\n`python -m nfnets.doctor` on each final workdir:\n\n"
+        text += "\n".join(f"- {key}: {v}" for key, v in verdicts)
     steps = sorted({p["step"] for e in entries for p in e.get("curve") or []})
     if steps:
-        text += "\n\nTest accuracy % during training (running / PreciseBN):\n\n"
+        text += "\n\nTest accuracy % during training (running / PreciseBN / batch stats):\n\n"
         curve_rows = []
         for e in entries:
             by_step = {p["step"]: p for p in e.get("curve") or []}
@@ -147,7 +168,11 @@ def table(entries: list[dict]) -> str:
             for s in steps:
                 p = by_step.get(s)
                 cells.append(
-                    None if p is None else f"{_fmt(p['running'])} / {_fmt(p['precise_bn'])}"
+                    None
+                    if p is None
+                    else "{} / {} / {}".format(
+                        _fmt(p["running"]), _fmt(p["precise_bn"]), _fmt(p.get("batch_stats"))
+                    )
                 )
             curve_rows.append([e["key"], *cells])
         text += grid.markdown_table(["cell", *(f"step {s}" for s in steps)], curve_rows)
@@ -180,9 +205,17 @@ def plot(entries: list[dict], path: str) -> None:
             c=color,
             label=f"{label}, PreciseBN",
         )
+        pts = [p for p in curve if p.get("batch_stats") is not None]
+        ax.plot(
+            [p["step"] for p in pts],
+            [100 * p["batch_stats"] for p in pts],
+            "^:",
+            c=color,
+            label=f"{label}, batch stats",
+        )
     ax.set_xlabel("training step")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Running averages (solid) vs PreciseBN (dashed)")
+    ax.set_title("Running averages (solid), PreciseBN (dashed), batch statistics (dotted)")
     ax.legend(fontsize=7, ncol=2)
     grid.save_figure(fig, path)
 

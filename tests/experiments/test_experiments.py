@@ -85,6 +85,9 @@ def test_quick_run_writes_every_cell(name, tmp_path, data_dir):
             # reproduce the evaluation made during training at s exactly.
             assert e["probe_max_abs_diff"] == 0.0, e["key"]
             assert [p["step"] for p in e["curve"]] == [2, 4]
+            # Train-mode batch statistics at every step, and the doctor's verdict.
+            assert all(0.0 <= p["batch_stats"] <= 1.0 for p in e["curve"]), e["key"]
+            assert e["doctor_causes"] and e["doctor_verdict"], e["key"]
     if name == "batch_size":
         bn = next(e for e in results["cells"] if e["key"] == "bn_full")
         assert "test_accuracy_precise_bn" in bn
