@@ -142,13 +142,13 @@ def test_sgd_bn_loss_explosion_without_nan_is_flagged(data_dir, tmp_path):
     config = tiny_bn_config(data_dir)
     config.optimizer, config.learning_rate, config.lr_base_batch_size = "sgd", 1e3, 0
     config.weight_decay = 0.0
-    config.num_epochs = 1.25  # 5 steps
+    config.num_epochs = 1.0  # 4 steps (a 5th overflows to a non-finite loss and is skipped)
     workdir = str(tmp_path / "run")
     summary, _ = run(config, workdir)
     losses = [r["train_loss"] for r in outputs.read_metrics(workdir) if "train_loss" in r]
-    assert len(losses) == 5 and all(v is not None for v in losses)  # every loss finite
+    assert len(losses) == 4 and all(v is not None for v in losses)  # every loss finite
     assert summary["skipped_steps"] == 0  # the non-finite guard never fired
-    assert max(losses) > 1e12
+    assert max(losses) > 1e11
     assert summary["loss_exploded"] is True and summary["max_train_loss"] == max(losses)
     saved = json.loads(open(os.path.join(workdir, outputs.SUMMARY_FILE)).read())
     assert saved["loss_exploded"] is True
