@@ -27,6 +27,9 @@ from tests.nfnets.training.tiny_config import write_fake_fashion_mnist
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(f"{ROOT}/docs/*.md"))]
 PLACEHOLDER = "--config ..."  # the multi-host template, tested by tests/test_multihost.py
+# Needs the user's own TFDS data and converted weights (the fine-tuning command);
+# its config is built by tests/test_configs.py and init_from by test_init.py.
+EXTERNAL = "--config.data_dir=DIR"
 
 
 def _commands() -> list[str]:
@@ -45,7 +48,11 @@ def _commands() -> list[str]:
 
 
 COMMANDS = _commands()
-TRAIN = [c for c in COMMANDS if c.startswith("python train.py") and PLACEHOLDER not in c]
+TRAIN = [
+    c
+    for c in COMMANDS
+    if c.startswith("python train.py") and PLACEHOLDER not in c and EXTERNAL not in c
+]
 
 
 def test_docs_hold_the_commands_we_expect():
@@ -54,6 +61,8 @@ def test_docs_hold_the_commands_we_expect():
     assert any("--extend" in c for c in TRAIN)
     left_out = [c for c in COMMANDS if PLACEHOLDER in c]
     assert len(left_out) == 1 and "distributed.initialize" in left_out[0]
+    external = [c for c in COMMANDS if EXTERNAL in c]
+    assert external and all("finetune" in c for c in external)
 
 
 def test_make_targets_exist():
