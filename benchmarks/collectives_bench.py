@@ -36,12 +36,18 @@ DEVICES = 512
 STRATEGIES = ("gather", "psum")
 COLLECTIVES = ("all_gather", "all_reduce", "reduce_scatter", "all_to_all")
 # '"stablehlo.all_reduce"(...) ... : (operand types) -> result types', with an optional
-# reduction region in between whose lines never hold "(tensor".
+# reduction region in between whose lines never hold "(tensor". The replica groups are
+# either explicit ('dense<...> : tensor<GROUPSxSIZExi64>') or, for a collective over
+# whole mesh axes (newer JAX), '#stablehlo.replica_group_mesh_axes<mesh = @M, axes =
+# [...]>', whose group size is the product of those axes' sizes in 'sdy.mesh @M'.
 _OP = re.compile(
-    r'"stablehlo\.(' + "|".join(COLLECTIVES) + r')"\(.*?replica_groups = dense<.*?> : '
-    r"tensor<(\d+)x(\d+)xi64>.*?: \(([^)]*)\) -> \(?([^\n]*?)\)?$",
+    r'"stablehlo\.(' + "|".join(COLLECTIVES) + r')"\(.*?replica_groups = '
+    r"(?:dense<.*?> : tensor<\d+x(\d+)xi64>"
+    r"|#stablehlo\.replica_group_mesh_axes<mesh = @([\w.]+), axes = \[(.*?)\]>)"
+    r".*?: \(([^)]*)\) -> \(?([^\n]*?)\)?$",
     re.DOTALL | re.MULTILINE,
 )
+_MESH = re.compile(r"sdy\.mesh @([\w.]+) = <\[(.*?)\]>")
 _BYTES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "i32": 4, "i64": 8}
 
 
@@ -53,17 +59,33 @@ def tensor_bytes(types: str) -> int:
     return total
 
 
+def _mesh_axis_sizes(stablehlo: str) -> dict[str, dict[str, int]]:
+    """``{mesh name: {axis name: size}}`` of the module's ``sdy.mesh`` declarations."""
+    return {
+        name: {a: int(n) for a, n in re.findall(r'"(\w+)"=(\d+)', axes)}
+        for name, axes in _MESH.findall(stablehlo)
+    }
+
+
 def collective_ops(stablehlo: str) -> list[dict]:
     """Collectives of a lowered module: op, group size, operand and result bytes."""
-    return [
-        {
-            "op": op,
-            "group": int(size),
-            "operand_bytes": tensor_bytes(operands),
-            "result_bytes": tensor_bytes(results),
-        }
-        for op, _, size, operands, results in _OP.findall(stablehlo)
-    ]
+    meshes = _mesh_axis_sizes(stablehlo)
+    ops = []
+    for op, size, mesh, axes, operands, results in _OP.findall(stablehlo):
+        if not size:
+            if "sub_axis_info" in axes:
+                raise NotImplementedError(f"replica groups over sub-axes: {axes}")
+            names = re.findall(r'name = "(\w+)"', axes)
+            size = math.prod(meshes[mesh][a] for a in names)
+        ops.append(
+            {
+                "op": op,
+                "group": int(size),
+                "operand_bytes": tensor_bytes(operands),
+                "result_bytes": tensor_bytes(results),
+            }
+        )
+    return ops
 
 
 def received_bytes(op: dict) -> float:

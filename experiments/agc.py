@@ -18,9 +18,9 @@ of linear warmup then cosine, weight decay 1e-4, flips only), learning rate
 - ``bn``: its batch-norm twin, the pre-activation bottleneck ResNet
   (``resnet50_v2_small``) with the same stages, BN over the whole batch.
 
-A run counts as diverged when it raises, ends with a non-finite test loss or at
-chance accuracy (the trainer skips non-finite steps, so a diverging run usually
-ends at chance rather than at NaN; ``skipped_steps`` counts them).
+A run fails when it diverges (raises, or ends with a non-finite test loss) or ends
+at chance accuracy with a finite loss (the trainer skips non-finite steps, so an
+unstable run may end at chance rather than at NaN; ``skipped_steps`` counts them).
 
 ``--quick``: one stage of width 4, batch 64, 2 steps.
 """
@@ -105,13 +105,17 @@ def plot(entries: list[dict], path: str) -> None:
         xs = [lr for lr, _ in pts]
         ys = [100 * (e.get("test_accuracy") or 0.0) for _, e in pts]
         ax.plot(xs, ys, "o-", c=f"C{i}", label=model)
-        bad = [(lr, y) for (lr, e), y in zip(pts, ys, strict=True) if e.get("diverged")]
+        bad = [
+            (lr, y)
+            for (lr, e), y in zip(pts, ys, strict=True)
+            if grid.cell_status(e, e.get("error")) != "ok"
+        ]
         if bad:
             ax.plot([x for x, _ in bad], [y for _, y in bad], "x", c="k", ms=10)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("learning rate per 256 examples (batch 1024)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Batch 1024: accuracy vs learning rate (x = diverged)")
+    ax.set_title("Batch 1024: accuracy vs learning rate (x = diverged or at chance)")
     ax.legend(fontsize=8)
     grid.save_figure(fig, path)
 

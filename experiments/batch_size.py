@@ -14,7 +14,10 @@ test split.
 
 - BN (``norm_kwargs.ghost_batch_size`` 2, 4, 8, 16, 32, or the full 128),
   evaluated with its running averages and with PreciseBN (20 training batches).
-- Batch renorm at every size, and switchable norm and EvoNorm-B0 at 2 and 128.
+- Batch renorm at every size, with the paper's r_max / d_max schedule scaled to
+  the run (``configs/fashion_mnist_batch_renorm.py``: batch norm for the first
+  1/16 of the steps, d_max = 5 at 5/16, r_max = 3 at half the run), and
+  switchable norm and EvoNorm-B0 at 2 and 128.
   These norms have no ghost batches, so the small sizes run on 64 virtual CPU
   devices with 2 examples each (``sync_batch_stats="none"`` for 2, device groups
   of 2..16 for 4..32); 128 runs on one device.
@@ -33,6 +36,7 @@ import statistics
 import sys
 
 from experiments import grid
+from nfnets.training.plan import PAPER_SCALED
 
 GHOSTS = (2, 4, 8, 16, 32)
 SIZES = (*GHOSTS, "full")
@@ -76,6 +80,8 @@ def _stateful_cell(family: str, size, base: dict, quick: bool, seed: int = 0) ->
     batch = base["batch_size"]
     norm_batch = batch if size == "full" else size
     kwargs, devices, sync = {}, 1, {"sync_batch_stats": "all"}
+    if family == "brn":  # the paper's r_max / d_max ramps, scaled to the run's length
+        kwargs = {"r_max": PAPER_SCALED, "d_max": PAPER_SCALED}
     if size != "full" and family == "bn":
         kwargs = {"ghost_batch_size": size}
     elif size != "full":  # 2 examples per device; groups of devices make the rest

@@ -8,9 +8,12 @@ An experiment is a grid of :class:`Cell` s. A cell is a config file of ``configs
 
 Resume: a cell whose key is in the JSON is not rerun unless ``--force`` (all
 cells) or ``--only KEY`` (that cell) asks; an interrupted cell resumes from its
-workdir's checkpoint (``train`` resumes by itself). A run that raises, ends with a
-non-finite test loss or at chance accuracy is recorded as diverged; it never stops
-the grid.
+workdir's checkpoint (``train`` resumes by itself). A recorded cell whose
+overrides differ from its definition now is stale: it is rerun from scratch. A cell
+that raises is recorded with status "error", one whose run ends with a non-finite
+test loss as "diverged", one whose test accuracy is at chance with a finite loss
+(an evaluation that collapsed, while training did not) as "at_chance". None of
+them stops the grid.
 
 Devices: a cell names the number of (virtual CPU) devices it needs. Cells whose
 count differs from this process's run in one child process per count, started
@@ -216,14 +219,25 @@ def finite_or_none(x: Any) -> Any:
     return x
 
 
-def is_diverged(summary: dict, error: str | None) -> bool:
-    """Raised, non-finite test loss, or test accuracy at chance (<= 1.5 / classes)."""
+def cell_status(summary: dict, error: str | None) -> str:
+    """ "error" (raised), "diverged" (non-finite or missing test loss), "at_chance"
+    (test accuracy <= 1.5 / classes with a finite loss) or "ok".
+
+    ``summary`` is the run's summary or a recorded cell entry (same test keys).
+    """
     if error is not None:
-        return True
+        return "error"
     loss, acc = summary.get("test_loss"), summary.get("test_accuracy")
     if loss is None or not math.isfinite(loss):
-        return True
-    return acc is None or acc <= CHANCE_MARGIN / NUM_CLASSES
+        return "diverged"
+    if acc is None or acc <= CHANCE_MARGIN / NUM_CLASSES:
+        return "at_chance"
+    return "ok"
+
+
+def is_diverged(summary: dict, error: str | None) -> bool:
+    """Raised, or ended with a non-finite test loss (see ``cell_status``)."""
+    return cell_status(summary, error) in ("error", "diverged")
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:
@@ -279,7 +293,7 @@ def run_cell(exp: Experiment, cell: Cell, ctx: Context, fresh: bool) -> dict | N
         summary, error = {}, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
     if summary.get("interrupted"):
         return None
-    diverged = is_diverged(summary, error)
+    status = cell_status(summary, error)
     entry = {
         "key": cell.key,
         "config": f"configs/{cell.config}.py",
@@ -287,8 +301,9 @@ def run_cell(exp: Experiment, cell: Cell, ctx: Context, fresh: bool) -> dict | N
         "seed": int(config.seed),
         "devices": cell.devices,
         "info": cell.info,
-        "status": "error" if error else ("diverged" if diverged else "ok"),
-        "diverged": diverged,
+        "status": status,
+        "diverged": status in ("error", "diverged"),
+        "at_chance": status == "at_chance",
         "error": error,
         **{k: finite_or_none(v) for k, v in summary.items() if k.startswith("test_")},
         "steps": summary.get("steps"),
@@ -307,8 +322,23 @@ def run_cell(exp: Experiment, cell: Cell, ctx: Context, fresh: bool) -> dict | N
     return entry
 
 
+def recorded_overrides(cell: Cell) -> dict:
+    """``cell.overrides`` as its JSON entry holds them (tuples become lists)."""
+    return json.loads(json.dumps(cell.overrides))
+
+
+def stale_keys(cells: list[Cell], recorded: list[dict]) -> set[str]:
+    """Keys of recorded cells whose overrides differ from the cell's definition now."""
+    by_key = {e["key"]: e for e in recorded}
+    return {
+        c.key
+        for c in cells
+        if c.key in by_key and by_key[c.key].get("overrides") != recorded_overrides(c)
+    }
+
+
 def pending_cells(exp: Experiment, cells: list[Cell], ctx: Context) -> list[Cell]:
-    """Cells to run now: unfinished ones, ``--only`` ones, or all with ``--force``."""
+    """Cells to run now: unfinished or stale ones, ``--only`` ones, or all with ``--force``."""
     keys = [c.key for c in cells]
     unknown = sorted(set(ctx.only) - set(keys))
     if unknown:
@@ -317,7 +347,8 @@ def pending_cells(exp: Experiment, cells: list[Cell], ctx: Context) -> list[Cell
         return [c for c in cells if c.key in ctx.only]
     if ctx.force:
         return list(cells)
-    done = {e["key"] for e in load_results(ctx.out / f"{exp.name}.json").get("cells", [])}
+    recorded = load_results(ctx.out / f"{exp.name}.json").get("cells", [])
+    done = {e["key"] for e in recorded} - stale_keys(cells, recorded)
     return [c for c in cells if c.key not in done]
 
 
@@ -361,6 +392,9 @@ def run_grid(exp: Experiment, ctx: Context, devices_only: int | None) -> None:
     if skipped and devices_only is None:
         print(f"[{exp.name}] {skipped} cell(s) finished already (--force or --only reruns)")
     fresh = ctx.force or bool(ctx.only)
+    stale = stale_keys(cells, load_results(ctx.out / f"{exp.name}.json").get("cells", []))
+    if stale and devices_only is None:
+        print(f"[{exp.name}] rerun from scratch, overrides changed: {', '.join(sorted(stale))}")
     if exp.run_cells is not None:
         for entry in exp.run_cells(todo, cells, ctx) if todo else []:
             record_entry(exp, ctx, entry)
@@ -369,7 +403,7 @@ def run_grid(exp: Experiment, ctx: Context, devices_only: int | None) -> None:
     local = [c for c in todo if c.devices in (0, here)]
     for i, cell in enumerate(local, 1):
         print(f"[{exp.name}] cell {i}/{len(local)} {cell.key} ({here} device(s))", flush=True)
-        entry = run_cell(exp, cell, ctx, fresh)
+        entry = run_cell(exp, cell, ctx, fresh or cell.key in stale)
         if entry is None:
             raise SystemExit(f"[{exp.name}] interrupted in cell {cell.key}; rerun to resume")
         record_entry(exp, ctx, entry)
@@ -446,12 +480,15 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 
 
 def pct(entry: dict | None, key: str = "test_accuracy") -> str | None:
-    """Accuracy as a percentage string; diverged runs marked."""
+    """Accuracy as a percentage string; diverged and at-chance runs marked."""
     if entry is None:
         return None
     x = entry.get(key)
     s = "n/a" if x is None else f"{100 * x:.1f}"
-    return f"{s} (diverged)" if entry.get("diverged") and key == "test_accuracy" else s
+    if key != "test_accuracy":
+        return s
+    mark = {"error": " (error)", "diverged": " (diverged)", "at_chance": " (at chance)"}
+    return s + mark.get(cell_status(entry, entry.get("error")), "")
 
 
 def new_figure(ncols: int = 1, width: float = 6.0, height: float = 4.2):

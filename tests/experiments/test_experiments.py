@@ -146,18 +146,45 @@ def test_raising_cell_is_recorded_as_diverged(tmp_path, data_dir):
 
 
 @pytest.mark.parametrize(
-    ("summary", "error", "expected"),
+    ("summary", "error", "status"),
     [
-        ({"test_loss": 0.5, "test_accuracy": 0.8}, None, False),
-        ({"test_loss": math.nan, "test_accuracy": 0.8}, None, True),
-        ({"test_loss": math.inf, "test_accuracy": 0.8}, None, True),
-        ({"test_loss": 2.3, "test_accuracy": 0.1}, None, True),  # chance: 1 / 10 classes
-        ({"test_loss": 2.0, "test_accuracy": 0.16}, None, False),
-        ({}, "ValueError: boom", True),
+        ({"test_loss": 0.5, "test_accuracy": 0.8}, None, "ok"),
+        ({"test_loss": math.nan, "test_accuracy": 0.8}, None, "diverged"),
+        ({"test_loss": math.inf, "test_accuracy": 0.8}, None, "diverged"),
+        ({"test_loss": None, "test_accuracy": None}, None, "diverged"),  # the trainer stopped
+        ({"test_loss": 2.3, "test_accuracy": 0.1}, None, "at_chance"),  # 1 / 10 classes
+        ({"test_loss": 2.0, "test_accuracy": 0.15}, None, "at_chance"),  # 1.5 / 10: the margin
+        ({"test_loss": 2.0, "test_accuracy": 0.16}, None, "ok"),
+        ({}, "ValueError: boom", "error"),
     ],
 )
-def test_is_diverged(summary, error, expected):
-    assert grid.is_diverged(summary, error) is expected
+def test_cell_status(summary, error, status):
+    assert grid.cell_status(summary, error) == status
+    assert grid.is_diverged(summary, error) is (status in ("error", "diverged"))
+
+
+def test_table_marks_failed_cells():
+    assert grid.pct({"test_loss": 0.4, "test_accuracy": 0.81}) == "81.0"
+    assert grid.pct({"test_loss": 2.3, "test_accuracy": 0.1}) == "10.0 (at chance)"
+    assert grid.pct({"test_loss": None, "test_accuracy": 0.1}) == "10.0 (diverged)"
+    assert grid.pct({"error": "ValueError: x"}) == "n/a (error)"
+
+
+def test_cell_with_changed_overrides_is_rerun(tmp_path):
+    cells = [grid.Cell("a", "fashion_mnist_norms", {"batch_size": 16, "model_kwargs.widths": (4,)})]
+    same = {"key": "a", "overrides": {"batch_size": 16, "model_kwargs.widths": [4]}}
+    assert grid.stale_keys(cells, [same]) == set()
+    changed = {"key": "a", "overrides": {"batch_size": 32, "model_kwargs.widths": [4]}}
+    assert grid.stale_keys(cells, [changed]) == {"a"}
+    exp = grid.Experiment(
+        name="toy", description="toy", cells=lambda quick: cells, table=None, plot=None
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    ctx = grid.parse_args("toy", ["--out", str(out), "--workdir-root", str(tmp_path / "w")])[0]
+    for entry, pending in ((same, []), (changed, ["a"])):
+        grid.save_results(out / "toy.json", {"cells": [entry]})
+        assert [c.key for c in grid.pending_cells(exp, cells, ctx)] == pending
 
 
 def test_overrides_reject_unknown_keys():

@@ -28,6 +28,7 @@ from nfnets.registry import create_model
 from nfnets.training.init import exclude_patterns, init_from_pretrained
 from nfnets.training.loop import Trainer, run
 from nfnets.training.plan import ConfigError
+from tests.conftest import subprocess_env
 from tests.nfnets.test_pretrained import _to_deepmind, _to_timm
 from tests.nfnets.training.tiny_config import tiny_nf_config
 
@@ -210,7 +211,7 @@ def test_train_py_prints_one_line(data_dir, tmp_path):
     missing = tmp_path / "none.npz"
     cmd = [sys.executable, "train.py", "--workdir", str(tmp_path / "run"),
            f"--config.data_dir={data_dir}", f"--config.init_from={missing}"]  # fmt: skip
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    env = subprocess_env(1)
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     lines = [line for line in out.stderr.splitlines() if line.strip()]
