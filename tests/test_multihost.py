@@ -5,7 +5,9 @@ shard_map mesh over global arrays) spans all 8, each process feeds its half of
 every global batch. If the gradients were not averaged
 across processes the two would end with different parameters (they see different
 data); the test requires them to agree and the run to report 8 devices, 2
-processes and every test example counted once.
+processes and every test example counted once. Process 1 starts its run 2 s after
+process 0 (after both have joined the distributed runtime), so process 0 has already
+created the checkpoint folder when process 1 checks the workdir.
 """
 
 from __future__ import annotations
@@ -19,14 +21,16 @@ import sys
 import numpy as np
 import pytest
 
+from tests.conftest import subprocess_env
 from tests.nfnets.training.tiny_config import N_TEST, fake_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WORKER = r"""
-import json, sys
+import json, sys, time
 import jax, numpy as np
-from nfnets.training import run
+from jax.experimental import multihost_utils
+from nfnets.training import maybe_initialize_distributed, run
 from tests.nfnets.training.tiny_config import tiny_nf_config
 
 pid, port, data_dir, workdir, out, parallelism = sys.argv[1:]
@@ -37,12 +41,22 @@ c.distributed.coordinator_address = f"127.0.0.1:{port}"
 c.distributed.num_processes = 2
 c.distributed.process_id = int(pid)
 c.distributed.cpu_collectives = "gloo"
+maybe_initialize_distributed(c)
+barriers, sync = [], multihost_utils.sync_global_devices
+def recording_sync(name):  # orbax's barriers and ours: the same in both processes?
+    barriers.append(name)
+    sync(name)
+multihost_utils.sync_global_devices = recording_sync
+if pid == "1":
+    # Process 0 goes on alone for a moment (it writes the workdir first): a process
+    # that looks at the workdir later must still run the same collectives.
+    time.sleep(2)
 summary, state = run(c, workdir)
 leaves = jax.tree_util.tree_leaves_with_path(state.params)
 np.savez(out, **{jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves})
 with open(out + ".json", "w") as f:
     json.dump({"summary": summary, "process_index": jax.process_index(),
-               "local_devices": jax.local_device_count()}, f)
+               "local_devices": jax.local_device_count(), "barriers": barriers}, f)
 """
 
 
@@ -56,9 +70,7 @@ def _free_port() -> int:
 @pytest.mark.parametrize("parallelism", ["pmap", "shard_map"])
 def test_two_processes_train_and_agree(tmp_path, parallelism):
     data_dir = fake_data(tmp_path / "fmnist")
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-    env["JAX_PLATFORMS"] = "cpu"
+    env = subprocess_env(4)
     env["PYTHONPATH"] = ROOT
     port = str(_free_port())
     workdir = str(tmp_path / "run")
@@ -74,15 +86,30 @@ def test_two_processes_train_and_agree(tmp_path, parallelism):
         )  # fmt: skip
         for p in (0, 1)
     ]
-    logs = [proc.communicate(timeout=400)[0] for proc in procs]
-    for proc, log in zip(procs, logs, strict=True):
-        assert proc.returncode == 0, log[-3000:]
+    try:
+        logs = [proc.communicate(timeout=240)[0] for proc in procs]
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            proc.kill()
+        logs = [proc.communicate()[0] for proc in procs]
+        pytest.fail(
+            "the processes hung:\n"
+            + "\n".join(f"--- process {p} ---\n{log[-3000:]}" for p, log in enumerate(logs))
+        )
+    codes = [proc.returncode for proc in procs]
+    report = "\n".join(
+        f"--- process {p} (exit {c}) ---\n{log[-4000:]}"
+        for p, (c, log) in enumerate(zip(codes, logs, strict=True))
+    )
+    assert codes == [0, 0], report
 
     infos = []
     for out in outs:
         with open(out + ".json") as f:
             infos.append(json.load(f))
     assert [i["process_index"] for i in infos] == [0, 1]
+    assert infos[0]["barriers"] == infos[1]["barriers"]
+    assert any("workdir checked" in name for name in infos[0]["barriers"])
     for info in infos:
         s = info["summary"]
         assert info["local_devices"] == 4

@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 import ml_collections
+from jax.experimental import multihost_utils
 
 from nfnets.registry import create_model
 from nfnets.training import actions as actions_lib
@@ -283,6 +284,19 @@ def _has_checkpoint(workdir: str) -> bool:
     return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
 
 
+def _all_processes_reach(point: str) -> None:
+    """A barrier across processes (none with one process).
+
+    Every process must run the same cross-process collectives in the same order
+    (orbax's barriers are collectives too). Without this barrier, process 0 could
+    create ``workdir/checkpoints`` before another process had checked the workdir;
+    that process would then read the folder (orbax barriers process 0 never joins)
+    and the two would pair unrelated collectives: a hang, or worse.
+    """
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"nfnets.training.run: {point}")
+
+
 def run(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -306,7 +320,10 @@ def run(
     check_config(config, jax.device_count())
     if restart or not _has_checkpoint(workdir):
         check_init_from(config)  # a resumed run never reads init_from
-    prepare_workdir(config, workdir, restart=restart, extend=extend)
+    prepare_workdir(
+        config, workdir, restart=restart, extend=extend, writer=jax.process_index() == 0
+    )
+    _all_processes_reach("workdir checked")
     ckpt = Checkpointer(
         os.path.join(os.path.abspath(workdir), "checkpoints"),
         max_to_keep=config.keep_checkpoints,

@@ -163,17 +163,28 @@ def clear_outputs(workdir: str) -> list[str]:
 
 
 def prepare_workdir(
-    config: ml_collections.ConfigDict, workdir: str, *, restart: bool = False, extend: bool = False
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    restart: bool = False,
+    extend: bool = False,
+    writer: bool = True,
 ) -> int | None:
     """Checks ``workdir`` before anything is written to it; returns the checkpoint step or None.
 
-    ``restart`` first deletes the previous run's outputs. Otherwise the newest
-    checkpoint's config must match ``config`` (``config_differences``); a mismatch
-    raises ``ConfigError`` and leaves the workdir (and its config.json) untouched.
+    ``restart`` first deletes the previous run's outputs (only where ``writer``: with
+    several processes, process 0 alone). Otherwise the newest checkpoint's config
+    must match ``config`` (``config_differences``); a mismatch raises
+    ``ConfigError`` and leaves the workdir (and its config.json) untouched.
+
+    Reading a checkpoint runs orbax's cross-process barriers, so with several
+    processes every one must find the same workdir here: the caller holds them all
+    at a barrier after this call, before any of them writes to the workdir.
     """
     _ensure_writable(workdir)
     if restart:
-        clear_outputs(workdir)
+        if writer:
+            clear_outputs(workdir)
         return None
     directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     if not os.path.isdir(directory):
