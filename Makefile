@@ -42,7 +42,7 @@ train: $(STAMP) data
 	$(BIN)/python train.py --config configs/default.py --workdir runs/default
 
 test: $(STAMP)
-	$(DEVICES) $(BIN)/python -m pytest -q -n 2 tests
+	$(DEVICES) $(BIN)/python -m pytest -q -n 2 --dist worksteal $(TESTS)
 
 # Re-resolves on every run (pip install -U), so it tracks the newest releases
 # that pyproject.toml admits.
@@ -57,7 +57,7 @@ test-latest:
 	@if [ -z "$(PY_LATEST)" ]; then \
 	  echo "test-latest: SKIPPED, no Python >= 3.12 found (python3.12/python3.13 on PATH or under pyenv); set PY_LATEST=/path/to/python3.12"; \
 	else $(MAKE) --no-print-directory setup-latest && \
-	  $(DEVICES) $(VENV_LATEST)/bin/python -m pytest -q -n 2 $(TESTS); fi
+	  $(DEVICES) $(VENV_LATEST)/bin/python -m pytest -q -n 2 --dist worksteal $(TESTS); fi
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
