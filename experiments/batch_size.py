@@ -120,7 +120,10 @@ def cells(quick: bool) -> list[grid.Cell]:
         }
         out.append(grid.Cell(key, "fashion_mnist_norms", overrides, 1, {"label": label}))
     nf = {k: v for k, v in base.items() if not k.startswith("model_kwargs.") or quick}
-    nf = {**nf, "checkpoint_every_steps": 0}
+    # The recipe of configs/default.py, written out so that a change of the default
+    # shows up as a changed cell (the grid reruns cells whose overrides changed).
+    recipe = {"model_kwargs.bottleneck_ratio": 0.5, "label_smoothing": 0.1}
+    nf = {**nf, "checkpoint_every_steps": 0, **recipe}
     out.append(grid.Cell("nf", "default", nf, 1, {"label": "NF-ResNet"}))
     return out
 
