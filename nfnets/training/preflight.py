@@ -150,7 +150,7 @@ def clear_outputs(workdir: str) -> list[str]:
     removed = []
     for name in OUTPUT_NAMES:
         path = os.path.join(workdir, name)
-        # Tolerant of files vanishing meanwhile: every process of a multi-host run clears.
+        # Tolerant of files vanishing meanwhile (another program, or a user, deleting too).
         if os.path.isdir(path):
             shutil.rmtree(path, ignore_errors=True)
         elif os.path.exists(path):

@@ -193,6 +193,17 @@ def test_unwritable_workdir_is_one_clear_error(tmp_path):
         prepare_workdir(config, str(blocker / "run"))
 
 
+def test_restart_clears_the_workdir_only_in_the_writing_process(tmp_path):
+    config = tiny_nf_config(str(tmp_path))
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints" / "4").mkdir(parents=True)
+    (workdir / "summary.json").write_text("{}")
+    assert prepare_workdir(config, str(workdir), restart=True, writer=False) is None
+    assert (workdir / "summary.json").exists() and (workdir / "checkpoints" / "4").exists()
+    assert prepare_workdir(config, str(workdir), restart=True, writer=True) is None
+    assert not (workdir / "summary.json").exists() and not (workdir / "checkpoints").exists()
+
+
 def test_norm_settings_from_the_command_line():
     argv = [
         "train.py",
