@@ -122,7 +122,7 @@ def plot(entries: list[dict], path: str) -> None:
 
 EXPERIMENT = grid.Experiment(
     name="agc",
-    description=__doc__.split("\n\n", 1)[1].rsplit("``--quick``", 1)[0],
+    description=grid.describe(__doc__),
     cells=cells,
     table=table,
     plot=plot,

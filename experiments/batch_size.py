@@ -120,12 +120,23 @@ def cells(quick: bool) -> list[grid.Cell]:
         }
         out.append(grid.Cell(key, "fashion_mnist_norms", overrides, 1, {"label": label}))
     nf = {k: v for k, v in base.items() if not k.startswith("model_kwargs.") or quick}
-    # The recipe of configs/default.py, written out so that a change of the default
-    # shows up as a changed cell (the grid reruns cells whose overrides changed).
-    recipe = {"model_kwargs.bottleneck_ratio": 0.5, "label_smoothing": 0.1}
+    # configs/default.py's recipe keys, copied into the overrides so that a change of
+    # the default shows up as a changed cell (the grid compares overrides only).
+    recipe = default_recipe()
     nf = {**nf, "checkpoint_every_steps": 0, **recipe}
     out.append(grid.Cell("nf", "default", nf, 1, {"label": "NF-ResNet"}))
     return out
+
+
+def default_recipe() -> dict:
+    """The label smoothing and bottleneck ratio of ``configs/default.py``."""
+    from configs import default
+
+    c = default.get_config()
+    return {
+        "model_kwargs.bottleneck_ratio": c.model_kwargs.bottleneck_ratio,
+        "label_smoothing": c.label_smoothing,
+    }
 
 
 def _by_key(entries: list[dict]) -> dict[str, dict]:
@@ -225,7 +236,7 @@ def plot(entries: list[dict], path: str) -> None:
 
 EXPERIMENT = grid.Experiment(
     name="batch_size",
-    description=__doc__.split("\n\n", 1)[1].rsplit("``--quick``", 1)[0],
+    description=grid.describe(__doc__),
     cells=cells,
     table=table,
     plot=plot,

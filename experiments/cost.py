@@ -182,7 +182,7 @@ def plot(entries: list[dict], path: str) -> None:
 
 EXPERIMENT = grid.Experiment(
     name="cost",
-    description=__doc__.split("\n\n", 1)[1].rsplit("``--quick``", 1)[0],
+    description=grid.describe(__doc__),
     cells=cells,
     table=table,
     plot=plot,

@@ -235,9 +235,10 @@ def cell_status(summary: dict, error: str | None) -> str:
     return "ok"
 
 
-def is_diverged(summary: dict, error: str | None) -> bool:
-    """Raised, or ended with a non-finite test loss (see ``cell_status``)."""
-    return cell_status(summary, error) in ("error", "diverged")
+def describe(module_doc: str) -> str:
+    """An experiment's ``description``: its module docstring without the title line
+    and without the closing ``--quick`` paragraph."""
+    return module_doc.split("\n\n", 1)[1].rsplit("``--quick``", 1)[0]
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:

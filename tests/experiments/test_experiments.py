@@ -160,7 +160,6 @@ def test_raising_cell_is_recorded_as_diverged(tmp_path, data_dir):
 )
 def test_cell_status(summary, error, status):
     assert grid.cell_status(summary, error) == status
-    assert grid.is_diverged(summary, error) is (status in ("error", "diverged"))
 
 
 def test_table_marks_failed_cells():
