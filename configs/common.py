@@ -7,6 +7,9 @@ Keys (all read by ``nfnets.training.train``; the optimizer keys by
 - ``dataset``: "fashion_mnist" | "cifar10" | "imagenet2012"; ``data_dir``: where the
   data lives ("" = the default place: /usr/share/datasets/fashion-mnist for
   Fashion-MNIST IDX files, ~/tensorflow_datasets for TFDS datasets).
+- ``validation_examples``: training examples held out as the ``validation`` split
+  (a fixed random subset, the same for every run and seed); evaluated beside the
+  test split as ``validation_accuracy`` / ``validation_loss``. 0 = no split.
 - ``image_size`` / ``eval_image_size``: 0 keeps the native size.
 - ``input_pipeline``: "auto" (grain worker processes for splits read record by
   record, i.e. TFDS ImageNet; in-process numpy for splits held in memory),
@@ -75,6 +78,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data_dir = ""
     c.image_size = 0
     c.eval_image_size = 0
+    # Training examples held out as the validation split (the same ones in every run,
+    # whatever the seed; nfnets.training.datasets.split_validation); 0 = none.
+    c.validation_examples = 0
     c.input_pipeline = "auto"
     c.data_workers = -1
     c.augment = ml_collections.ConfigDict(

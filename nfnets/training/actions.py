@@ -148,7 +148,9 @@ class PeriodicEvaluation:
         run.p_state = self.trainer.sync_stats(run.p_state)
         results = self.trainer.eval_all(run.p_state)
         if self.writer:
-            self.writer.write(run.step, {k: v for k, v in results.items() if k != "test_count"})
+            self.writer.write(
+                run.step, {k: v for k, v in results.items() if not k.endswith("_count")}
+            )
         reason = health.eval_reason(results)
         if reason and run.diverged is None:
             run.diverged = (run.step, reason)

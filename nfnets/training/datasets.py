@@ -37,7 +37,6 @@ FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-# Seed-sequence domains so the shuffle and the augmentation never share a stream.
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -168,6 +167,62 @@ class SourceDataset:
 
 
 Dataset = ArrayDataset | SourceDataset
+
+# The validation split is the same for every run whatever ``config.seed`` is, so that
+# every arm and every seed of an experiment is chosen on the same held-out images.
+VALIDATION_SEED = 20_260_601
+
+
+@dataclasses.dataclass(frozen=True)
+class _IndexedSource:
+    """A random-access source restricted to ``indices`` (picklable for grain workers)."""
+
+    source: Any
+    indices: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.source[int(self.indices[i])]
+
+    def __getitems__(self, ids):
+        return self.source.__getitems__([int(self.indices[i]) for i in ids])
+
+
+def split_validation(
+    dataset: Dataset, num_examples: int, *, seed: int = VALIDATION_SEED
+) -> tuple[Dataset, Dataset | None]:
+    """``(train, validation)``: ``num_examples`` examples of a training split held out.
+
+    The held-out examples are a fixed random subset (``seed``, independent of the
+    run's seed), so every run with the same ``num_examples`` trains on the same
+    ``len(dataset) - num_examples`` examples and is chosen on the same validation
+    set. Both parts keep the original order of their examples. ``num_examples=0``
+    returns ``(dataset, None)``. Raises ``ValueError`` when ``num_examples`` is not
+    in ``[0, len(dataset))``.
+    """
+    n = len(dataset)
+    if not isinstance(num_examples, int | np.integer) or not 0 <= num_examples < n:
+        raise ValueError(
+            f"validation_examples={num_examples!r}: give 0 (no validation split) or an "
+            f"integer below the {n} training examples, e.g. 5000"
+        )
+    if num_examples == 0:
+        return dataset, None
+    held_out = np.zeros(n, bool)
+    held_out[np.random.default_rng(seed).permutation(n)[:num_examples]] = True
+    parts = []
+    for name, indices in (
+        ("train", np.flatnonzero(~held_out)),
+        ("validation", np.flatnonzero(held_out)),
+    ):
+        info = dataclasses.replace(dataset.info, split=name, num_examples=len(indices))
+        if isinstance(dataset, ArrayDataset):
+            parts.append(ArrayDataset(dataset.images[indices], dataset.labels[indices], info))
+        else:
+            parts.append(SourceDataset(_IndexedSource(dataset.source, indices), info))
+    return parts[0], parts[1]
 
 
 # --------------------------------------------------------------------------- loading

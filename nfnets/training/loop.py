@@ -32,7 +32,7 @@ from nfnets.registry import create_model
 from nfnets.training import actions as actions_lib
 from nfnets.training import health, outputs
 from nfnets.training.checkpoints import Checkpointer
-from nfnets.training.datasets import load_dataset
+from nfnets.training.datasets import load_dataset, split_validation
 from nfnets.training.evaluation import evaluate, make_eval_step, make_precise_bn
 from nfnets.training.grain_pipeline import make_train_iterator
 from nfnets.training.init import check_init_from, init_from_pretrained
@@ -85,11 +85,20 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> bool:
 
 
 def load_data(config: ml_collections.ConfigDict):
-    """(train, test) datasets; a missing dataset raises with the command that prepares it."""
+    """(train, validation or None, test) datasets.
+
+    ``config.validation_examples`` > 0 holds that many training examples out as the
+    validation split (``datasets.split_validation``: the same examples for every
+    run). A missing dataset raises with the command that prepares it.
+    """
     data_dir = config.data_dir or None
     train_ds = load_dataset(config.dataset, split="train", data_dir=data_dir)
     test_ds = load_dataset(config.dataset, split="test", data_dir=data_dir)
-    return train_ds, test_ds
+    try:
+        train_ds, val_ds = split_validation(train_ds, config.validation_examples)
+    except ValueError as e:
+        raise ConfigError(f"config.{e}") from None
+    return train_ds, val_ds, test_ds
 
 
 class Trainer:
@@ -99,7 +108,7 @@ class Trainer:
         self.config = config
         self.workdir = workdir
         self.is_writer = jax.process_index() == 0
-        self.train_ds, self.test_ds = load_data(config)
+        self.train_ds, self.val_ds, self.test_ds = load_data(config)
         self.info = self.train_ds.info
         self.plan = make_plan(config, num_train_examples=len(self.train_ds), axis_name=AXIS)
         p = self.plan
@@ -161,11 +170,11 @@ class Trainer:
             return p_state
         return p_state.replace(batch_stats=self._sync(p_state.batch_stats))
 
-    def eval_batches(self):
+    def eval_batches(self, dataset):
         return (
             self.parallel.put(b, BATCH)
             for b in eval_iterator(
-                self.test_ds,
+                dataset,
                 global_batch_size=self.config.eval_batch_size,
                 process_index=jax.process_index(),
                 process_count=jax.process_count(),
@@ -185,27 +194,38 @@ class Trainer:
         )
         return prefetch((self.parallel.put(b, BATCH) for b in it), buffer_size=2)
 
-    def evaluate(self, variables: PyTree) -> dict[str, float]:
+    def evaluate(self, variables: PyTree, dataset=None) -> dict[str, float]:
+        """Loss / accuracy / count of ``variables`` over ``dataset`` (default: the test split)."""
+        dataset = self.test_ds if dataset is None else dataset
         return evaluate(
             self._eval_steps[tuple(variables)],
             variables,
-            self.eval_batches(),
-            expected_count=len(self.test_ds),
+            self.eval_batches(dataset),
+            expected_count=len(dataset),
             fetch=lambda sums: self.parallel.host(sums, REPLICATED),
         )
 
     def eval_all(self, p_state: TrainState, precise_stats: PyTree | None = None) -> dict:
-        """Evaluations side by side: running stats, PreciseBN stats, EMA params."""
-        r = self.evaluate(model_variables(p_state.params, p_state.batch_stats))
-        out = {"test_loss": r["loss"], "test_accuracy": r["accuracy"], "test_count": r["count"]}
+        """Evaluations side by side: running stats, PreciseBN stats, EMA params.
+
+        Keys ``{split}_loss`` / ``{split}_accuracy`` (plus ``_precise_bn`` / ``_ema``
+        variants) for the validation split (when the run has one) and the test split.
+        """
+        variants = {"": model_variables(p_state.params, p_state.batch_stats)}
         if precise_stats is not None:
-            r = self.evaluate(model_variables(p_state.params, precise_stats))
-            out["test_loss_precise_bn"] = r["loss"]
-            out["test_accuracy_precise_bn"] = r["accuracy"]
+            variants["_precise_bn"] = model_variables(p_state.params, precise_stats)
         if p_state.ema_params is not None:
-            r = self.evaluate(model_variables(p_state.ema_params, p_state.batch_stats))
-            out["test_loss_ema"] = r["loss"]
-            out["test_accuracy_ema"] = r["accuracy"]
+            variants["_ema"] = model_variables(p_state.ema_params, p_state.batch_stats)
+        splits = {"test": self.test_ds}
+        if self.val_ds is not None:
+            splits = {"validation": self.val_ds, **splits}
+        out = {}
+        for split, dataset in splits.items():
+            for suffix, variables in variants.items():
+                r = self.evaluate(variables, dataset)
+                out[f"{split}_loss{suffix}"] = r["loss"]
+                out[f"{split}_accuracy{suffix}"] = r["accuracy"]
+            out[f"{split}_count"] = r["count"]
         return out
 
     def precise_bn(self, p_state: TrainState) -> PyTree | None:
@@ -388,7 +408,8 @@ def _finish(trainer: Trainer, ckpt, run_state, loop_time: float, writer, bar):
     checkpoint, so the last one is the last good state.
     """
     config, step = trainer.config, run_state.step
-    results = {"test_loss": None, "test_accuracy": None}
+    splits = ("validation", "test") if trainer.val_ds is not None else ("test",)
+    results = {f"{split}_{m}": None for split in splits for m in ("loss", "accuracy")}
     p_state = trainer.sync_stats(run_state.p_state)
     final_state = trainer.host_state(p_state)
     if run_state.diverged is None:
@@ -405,7 +426,7 @@ def _finish(trainer: Trainer, ckpt, run_state, loop_time: float, writer, bar):
         bar.close()
     if writer:
         if not run_state.diverged:
-            writer.write(step, {k: v for k, v in results.items() if k != "test_count"})
+            writer.write(step, {k: v for k, v in results.items() if not k.endswith("_count")})
         writer.close()
         records = outputs.read_metrics(trainer.workdir)
         summary.update(health.loss_health(records, trainer.info.num_classes))
@@ -414,9 +435,7 @@ def _finish(trainer: Trainer, ckpt, run_state, loop_time: float, writer, bar):
         if summary["loss_exploded"]:
             actions_lib.say(None, f"warning: train loss reached {summary['max_train_loss']:.3g}")
         if not run_state.diverged:
-            line = ", ".join(
-                f"{k} {summary[k]:.4f}" for k in sorted(results) if k.startswith("test_accuracy")
-            )
+            line = ", ".join(f"{k} {summary[k]:.4f}" for k in sorted(results) if "_accuracy" in k)
             print(f"done: {line}; {step} steps in {summary['wall_time_s']:.1f} s", flush=True)
     return summary, final_state
 

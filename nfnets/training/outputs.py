@@ -219,7 +219,8 @@ def write_summary(workdir: str, summary: dict) -> str:
 
 
 def plot_curves(records: Iterable[dict], path: str) -> str:
-    """Plots train loss/accuracy and every ``test_*`` accuracy/loss against step into a PNG."""
+    """Plots train loss/accuracy and every ``validation_*`` / ``test_*`` accuracy/loss
+    against step into a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -230,12 +231,12 @@ def plot_curves(records: Iterable[dict], path: str) -> str:
     keys = sorted({k for r in records for k in r if k != "step"})
     for key, ax in (("loss", ax_loss), ("accuracy", ax_acc)):
         for k in keys:
-            if not k.endswith(key) or not (k.startswith("train") or k.startswith("test")):
+            if not k.endswith(key) or not k.startswith(("train", "validation", "test")):
                 continue
             pts = [(r["step"], r[k]) for r in records if r.get(k) is not None]
             if pts:
                 xs, ys = zip(*pts, strict=True)
-                ax.plot(xs, ys, marker="o" if k.startswith("test") else None, label=k)
+                ax.plot(xs, ys, marker=None if k.startswith("train") else "o", label=k)
         ax.set_xlabel("step")
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)

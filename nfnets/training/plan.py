@@ -126,6 +126,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     for key in ("eval_every_steps", "checkpoint_every_steps", "precise_bn_batches"):
         if config[key] < 0:
             raise _err(key, config[key], "give 0 (off / only at the end) or a positive number")
+    if not isinstance(config.validation_examples, int) or config.validation_examples < 0:
+        raise _err(
+            "validation_examples",
+            config.validation_examples,
+            "give 0 (no validation split) or the number of training examples to hold out",
+        )
     if config.keep_checkpoints < 1:
         raise _err("keep_checkpoints", config.keep_checkpoints, "keep at least 1")
     parse_ema(config.ema)

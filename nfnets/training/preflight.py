@@ -52,6 +52,9 @@ RESUME_FREE_KEYS = (
     "init_from",
     "init_exclude",
 )
+# Keys added to the schema after checkpoints were written without them, with the
+# value that means what those checkpoints did: an older run resumes unchanged.
+ADDED_KEYS = {"validation_examples": 0}
 # The schedule's length, free under --extend (the schedule is re-derived anyway).
 LENGTH_KEYS = ("num_epochs", "num_train_steps", "warmup_epochs")
 CONFIG_FILE = "config.json"
@@ -122,7 +125,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 def config_differences(saved: dict, config: ml_collections.ConfigDict, *, extend: bool) -> list:
     """``[(key, saved value, new value)]`` for keys that may not change on resume."""
-    old = _flatten(saved)
+    old = {**ADDED_KEYS, **_flatten(saved)}
     new = _flatten(json.loads(config.to_json_best_effort()))
     free = RESUME_FREE_KEYS + (LENGTH_KEYS if extend else ())
     missing = "<absent>"

@@ -184,3 +184,44 @@ def test_fashion_mnist_falls_back_to_prepared_tfds(tmp_path):
     ds = datasets.load_dataset("fashion_mnist", split="test", data_dir=tmp_path)
     assert ds.images.shape == (4, 28, 28, 1) and ds.info.source.startswith("tfds:")
     assert sorted(match_rows(ds.images, arrays["test"])) == [0, 1, 2, 3]
+
+
+def test_validation_split_is_fixed_disjoint_and_complete(tmp_path):
+    """The held-out examples: the same whatever the run, disjoint from train, nothing lost."""
+    fake = write_fake_fashion_mnist(tmp_path, n_train=50, n_test=4, seed=3)
+    full = datasets.load_dataset("fashion_mnist", split="train", data_dir=fake)
+    train, val = datasets.split_validation(full, 12)
+    again_train, again_val = datasets.split_validation(full, 12)
+    assert (len(train), len(val)) == (38, 12)
+    assert (train.info.split, val.info.split) == ("train", "validation")
+    assert (train.info.num_examples, val.info.num_examples) == (38, 12)
+    np.testing.assert_array_equal(val.images, again_val.images)
+    np.testing.assert_array_equal(train.labels, again_train.labels)
+    # Independent reference: the first 12 indices of the seeded permutation are held out.
+    held = np.sort(np.random.default_rng(datasets.VALIDATION_SEED).permutation(50)[:12])
+    kept = np.setdiff1d(np.arange(50), held)
+    np.testing.assert_array_equal(val.images, full.images[held])
+    np.testing.assert_array_equal(train.images, full.images[kept])
+    np.testing.assert_array_equal(train.labels, full.labels[kept])
+    assert datasets.split_validation(full, 0) == (full, None)
+    for bad in (-1, 50, 2.5):
+        with pytest.raises(ValueError, match="validation_examples"):
+            datasets.split_validation(full, bad)
+
+
+def test_validation_split_of_a_lazy_source_reads_the_same_examples(tmp_path):
+    from tensorflow_datasets.image_classification import cifar
+
+    rng = np.random.default_rng(2)
+    arrays = {"train": rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8),
+              "test": rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)}  # fmt: skip
+    prepare_fake_tfds(cifar.Cifar10, "cifar10", arrays, tmp_path, lambda s, i: {"id": f"{s}{i}"})
+    lazy = datasets.load_dataset("cifar10", split="train", data_dir=tmp_path, in_memory=False)
+    eager = datasets.load_dataset("cifar10", split="train", data_dir=tmp_path)
+    for lazy_part, eager_part in zip(
+        datasets.split_validation(lazy, 4), datasets.split_validation(eager, 4), strict=True
+    ):
+        assert isinstance(lazy_part, datasets.SourceDataset)
+        idx = np.arange(len(eager_part))
+        for a, b in zip(lazy_part.read(idx), eager_part.read(idx), strict=True):
+            np.testing.assert_array_equal(a, b)

@@ -248,3 +248,17 @@ def test_batch_renorm_config_ramps_the_paper_schedule_over_the_run():
         np.testing.assert_allclose(d, paper(step, 25_000, 5.0, 0.0), rtol=1e-5, atol=1e-6)
     assert float(kwargs["r_max"](np.int32(100))) == 1.0  # plain batch norm at first
     assert float(kwargs["r_max"](np.int32(800))) == pytest.approx(3.0)
+
+
+def test_a_checkpoint_saved_before_validation_examples_existed_still_resumes():
+    """An older checkpoint's config lacks ``validation_examples``: absent means 0 (none)."""
+    from configs import default
+    from nfnets.training.preflight import config_differences
+
+    config = default.get_config()
+    saved = json.loads(config.to_json_best_effort())
+    del saved["validation_examples"]
+    assert config_differences(saved, config, extend=False) == []
+    with config.unlocked():
+        config.validation_examples = 5000
+    assert config_differences(saved, config, extend=False) == [("validation_examples", 0, 5000)]

@@ -60,3 +60,27 @@ def test_missing_data_names_the_fix(tmp_path):
     config = tiny_nf_config(str(tmp_path / "empty"))
     with pytest.raises(DatasetNotFoundError, match="--config.data_dir"):
         load_data(config)
+
+
+def test_validation_split_is_held_out_and_reported(data_dir, tmp_path):
+    """16 of the 64 training examples held out: 3 steps of 16, both splits evaluated."""
+    config = tiny_nf_config(data_dir)
+    config.validation_examples = 16
+    summary, _ = run(config, str(tmp_path / "val"))
+    assert summary["steps"] == 3  # 48 training examples left, batch 16
+    assert summary["validation_count"] == 16 and summary["test_count"] == N_TEST
+    for split, n in (("validation", 16), ("test", N_TEST)):
+        correct = summary[f"{split}_accuracy"] * n
+        assert abs(correct - round(correct)) < 1e-4 and np.isfinite(summary[f"{split}_loss"])
+    final = [r for r in outputs.read_metrics(str(tmp_path / "val")) if "validation_loss" in r]
+    assert final and final[-1]["validation_accuracy"] == summary["validation_accuracy"]
+    assert "validation_count" not in final[-1]
+
+
+def test_validation_split_larger_than_the_data_is_a_config_error(data_dir):
+    from nfnets.training.plan import ConfigError
+
+    config = tiny_nf_config(data_dir)
+    config.validation_examples = 64
+    with pytest.raises(ConfigError, match="validation_examples=64"):
+        load_data(config)
