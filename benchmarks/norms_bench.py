@@ -5,11 +5,13 @@ Run: ``python -m benchmarks.norms_bench`` (or ``make bench``). Prints markdown t
 1. Forward + backward on an NHWC float32 batch, default (64, 32, 32, 128): the
    jitted gradient of ``sum(norm(x)^2)`` with respect to ``x``, ``scale`` and
    ``bias``, for ``norms.batch_norm`` (train mode), ``group_norm`` (32 groups),
-   ``layer_norm``, ``instance_norm``, ``filter_response_norm`` (with TLU) and
-   ``evonorm_s0`` (32 groups), against ``flax.linen.BatchNorm``, ``GroupNorm``,
-   ``LayerNorm`` (over H, W, C) and ``InstanceNorm`` where flax has the norm, all
-   with ``use_fast_variance=False`` (flax's two-pass variance: the same numerics
-   as ours). Every function is compiled and warmed up first; then all are timed
+   ``layer_norm``, ``instance_norm``, ``filter_response_norm`` (with TLU),
+   ``evonorm_s0`` (32 groups), ``rms_norm`` (over C, ``scale`` only) and the
+   pointwise ``dynamic_tanh`` and ``derf``, against ``flax.linen.BatchNorm``,
+   ``GroupNorm``, ``LayerNorm`` (over H, W, C), ``InstanceNorm`` and ``RMSNorm``
+   where flax has the norm, the first four with ``use_fast_variance=False``
+   (flax's two-pass variance: the same numerics as ours; RMSNorm's mean square
+   has no variance to cancel). Every function is compiled and warmed up first; then all are timed
    in interleaved rounds (so background load hits them alike) and the median per
    function is reported, with the ratios ours / flax and ours / our batch_norm.
 2. A roofline-style count of bytes moved: XLA's ``bytes accessed`` estimate of
@@ -18,7 +20,10 @@ Run: ``python -m benchmarks.norms_bench`` (or ``make bench``). Prints markdown t
    rounds: a per-channel sum, one read, gives the pass time; ``x * a + b``, a
    read and a write into a fresh array, is shown too). A norm's floor is 5
    passes: two reads for the stable two-pass statistics, one read for the
-   backward pass's two sums, one read and one write for ``dx``.
+   backward pass's two sums, one read and one write for ``dx``. A pointwise
+   layer (DyT, Derf) has no statistics: one read and one write forward, and
+   its fwd+bwd floor is 2 passes (read ``x``, write ``dx``, with the ``scale`` /
+   ``bias`` sums taken in the same read).
 3. Collectives in one SyncBN layer (train-mode forward, and forward + backward)
    under ``jax.pmap`` over 8 devices: occurrences of ``stablehlo.all_gather`` /
    ``all_reduce`` / ``reduce_scatter`` / ``all_to_all`` in the lowered module. If
@@ -64,6 +69,25 @@ def _evonorm_s0(x, scale, bias, state):
     return norms.evonorm_s0(x, scale, bias, jnp.ones_like(scale), num_groups=32)
 
 
+def _rms(x, scale, bias, state):
+    return norms.rms_norm(x, scale)  # flax's RMSNorm has no bias either
+
+
+def _dyt(x, scale, bias, state):
+    return norms.dynamic_tanh(x, 0.5, scale, bias)
+
+
+def _derf(x, scale, bias, state):
+    return norms.derf(x, 0.5, 0.1, scale, bias)
+
+
+def _flax_rms(module):
+    def apply(x, scale, bias, state):
+        return module.apply({"params": {"scale": scale}}, x)
+
+    return apply
+
+
 def _flax(module):
     def apply(x, scale, bias, state):
         params = {"params": {"scale": scale, "bias": bias}}
@@ -105,6 +129,11 @@ def norm_pairs(channels: int) -> list[tuple[str, object, str | None, object]]:
         ),
         ("filter_response_norm", _frn, None, None),
         ("evonorm_s0", _evonorm_s0, None, None),
+        # RMSNorm over the channel axis (flax's default reduction_axes=-1); its mean
+        # square needs no centring, so flax's one-pass statistic is also stable here.
+        ("rms_norm", _rms, "RMSNorm", _flax_rms(nn.RMSNorm())),
+        ("dynamic_tanh", _dyt, None, None),
+        ("derf", _derf, None, None),
     ]
 
 

@@ -8,7 +8,8 @@ small state pytree and never mutate. Flax modules over these live in
 Dtypes: statistics are computed in float32 (or wider for wider inputs) and the
 output has the input's dtype. Integer and bool inputs (e.g. uint8 images) are
 computed in float32 and return float32, as flax's norms do; complex inputs raise
-ValueError.
+ValueError. The pointwise layers (``dynamic_tanh``, ``derf``) have no statistics:
+they compute in float32 and return the input's dtype the same way.
 """
 
 from norms.batch_norm import batch_norm
@@ -24,7 +25,9 @@ from norms.evo_norm import evonorm_b0, evonorm_s0
 from norms.filter_response_norm import filter_response_norm
 from norms.group_norm import group_norm, instance_norm, layer_norm
 from norms.moments import default_sync_strategy, merge_moments, moments
+from norms.pointwise import derf, dynamic_tanh
 from norms.precise_bn import apply_recomputed_stats, recompute_batch_stats
+from norms.rms_norm import rms_norm
 from norms.running_stats import (
     BatchNormState,
     init_batch_norm_state,
@@ -54,6 +57,9 @@ __all__ = [
     "group_norm",
     "instance_norm",
     "layer_norm",
+    "rms_norm",
+    "derf",
+    "dynamic_tanh",
     "default_sync_strategy",
     "merge_moments",
     "moments",

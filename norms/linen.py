@@ -9,7 +9,7 @@ Each module owns its parameters and state and calls one pure function of
   accept ``train=None`` (ignored) only so a model can call any norm the same way.
   Every module takes ``mask`` (a boolean broadcastable to ``x``; True values enter
   the statistics, every value is normalized), passed to its pure function;
-  ``Identity`` ignores it.
+  ``Identity`` and the statistics-free DynamicTanh and Derf ignore it.
 - State: collection ``"batch_stats"`` with variables ``mean`` (C,) f32, ``var``
   (C,) f32, ``count`` () int32 (number of running updates), plus ``step`` for
   BatchRenorm. ``train=True`` needs ``mutable=["batch_stats"]`` in ``apply``.
@@ -18,7 +18,9 @@ Each module owns its parameters and state and calls one pure function of
 - Params: per-channel (C,) ``scale`` (init ``scale_init``, ones by default; zeros
   for a zero-initialized residual branch) and ``bias``; FRN adds ``tau`` and, with
   ``learned_eps=True``, ``eps`` (both (C,)); EvoNorm adds ``v`` (C,) (ones);
-  SwitchableNorm adds ``mean_logits``/``var_logits`` (3,) (zeros: equal weights).
+  SwitchableNorm adds ``mean_logits``/``var_logits`` (3,) (zeros: equal weights);
+  RMSNorm has ``scale`` only (as flax's); DynamicTanh adds ``alpha`` and Derf
+  ``alpha`` and ``shift``, scalars (the papers') or (C,) with ``per_channel=True``.
 - Dtypes: statistics and running state in float32; parameters in ``param_dtype``;
   the output in ``dtype`` (``None``: the input's dtype).
 - PreciseBN: in train mode the batch-norm-like modules ``sow`` their (C,) batch
@@ -44,7 +46,15 @@ from norms.batch_renorm import BatchRenormState, batch_renorm
 from norms.evo_norm import evonorm_b0, evonorm_s0
 from norms.filter_response_norm import filter_response_norm
 from norms.group_norm import group_norm, instance_norm, layer_norm
+from norms.pointwise import (
+    DERF_ALPHA_INIT,
+    DERF_SHIFT_INIT,
+    DYT_ALPHA_INIT,
+    derf,
+    dynamic_tanh,
+)
 from norms.registry import NORM_CLASSES, NORM_NAMES, call_stateful, resolve
+from norms.rms_norm import rms_norm
 from norms.running_stats import BatchNormState, init_batch_norm_state
 from norms.switchable_norm import switchable_norm
 
@@ -52,26 +62,33 @@ Initializer = Callable[..., jax.Array]
 Dtype = Any
 
 
-class _Affine(nn.Module):
-    """Shared fields: optional per-channel scale/bias and the dtypes."""
+class _Scaled(nn.Module):
+    """Shared fields: an optional per-channel scale and the dtypes."""
 
     use_scale: bool = True
-    use_bias: bool = True
     scale_init: Initializer = nn.initializers.ones
-    bias_init: Initializer = nn.initializers.zeros
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
     def channel_param(self, name: str, init: Initializer, c: int) -> jax.Array:
         return self.param(name, init, (c,), self.param_dtype)
 
-    def affine(self, c: int) -> tuple[jax.Array | None, jax.Array | None]:
-        scale = self.channel_param("scale", self.scale_init, c) if self.use_scale else None
-        bias = self.channel_param("bias", self.bias_init, c) if self.use_bias else None
-        return scale, bias
+    def scale_param(self, c: int) -> jax.Array | None:
+        return self.channel_param("scale", self.scale_init, c) if self.use_scale else None
 
     def out(self, y: jax.Array) -> jax.Array:
         return y if self.dtype is None else y.astype(self.dtype)
+
+
+class _Affine(_Scaled):
+    """Shared fields: optional per-channel scale/bias and the dtypes."""
+
+    use_bias: bool = True
+    bias_init: Initializer = nn.initializers.zeros
+
+    def affine(self, c: int) -> tuple[jax.Array | None, jax.Array | None]:
+        bias = self.channel_param("bias", self.bias_init, c) if self.use_bias else None
+        return self.scale_param(c), bias
 
 
 class _Stateful(_Affine):
@@ -323,6 +340,70 @@ class EvoNormS0(_Affine):
         return self.out(y)
 
 
+class RMSNorm(_Scaled):
+    """RMSNorm (:func:`norms.rms_norm`), flax's formula: ``scale`` (C,) only; ``train`` ignored."""
+
+    eps: float = 1e-6
+    axis: int = -1
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool | None = None, mask=None) -> jax.Array:
+        del train  # batch-independent: accepted only for a uniform call signature
+        scale = self.scale_param(x.shape[self.axis])
+        return self.out(rms_norm(x, scale, axis=self.axis, eps=self.eps, mask=mask))
+
+
+class _Pointwise(_Affine):
+    """DyT's and Derf's fields: ``alpha`` (and ``shift``) scalars, or (C,) if ``per_channel``."""
+
+    per_channel: bool = False
+    axis: int = -1
+
+    def pre_param(self, name: str, value: float, c: int) -> jax.Array:
+        shape = (c,) if self.per_channel else ()
+        return self.param(name, nn.initializers.constant(value), shape, self.param_dtype)
+
+
+class DynamicTanh(_Pointwise):
+    """DyT (:func:`norms.dynamic_tanh`): ``scale * tanh(alpha * x) + bias``, no statistics.
+
+    ``alpha`` is a scalar param initialised to ``alpha_init`` (the paper's 0.5), or
+    (C,) with ``per_channel=True``. ``train`` and ``mask`` are ignored (there is no
+    statistic for a mask to leave values out of).
+    """
+
+    alpha_init: float = DYT_ALPHA_INIT
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool | None = None, mask=None) -> jax.Array:
+        del train, mask  # pointwise: no statistics, nothing to mask
+        c = x.shape[self.axis]
+        scale, bias = self.affine(c)
+        alpha = self.pre_param("alpha", self.alpha_init, c)
+        return self.out(dynamic_tanh(x, alpha, scale, bias, axis=self.axis))
+
+
+class Derf(_Pointwise):
+    """Derf (:func:`norms.derf`): ``scale * erf(alpha * x + shift) + bias``, no statistics.
+
+    ``alpha`` and ``shift`` are scalar params initialised to ``alpha_init`` (0.5)
+    and ``shift_init`` (0), the reference code's values, or (C,) with
+    ``per_channel=True``. ``train`` and ``mask`` are ignored.
+    """
+
+    alpha_init: float = DERF_ALPHA_INIT
+    shift_init: float = DERF_SHIFT_INIT
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool | None = None, mask=None) -> jax.Array:
+        del train, mask  # pointwise: no statistics, nothing to mask
+        c = x.shape[self.axis]
+        scale, bias = self.affine(c)
+        alpha = self.pre_param("alpha", self.alpha_init, c)
+        shift = self.pre_param("shift", self.shift_init, c)
+        return self.out(derf(x, alpha, shift, scale, bias, axis=self.axis))
+
+
 class Identity(nn.Module):
     """No normalization (``make("none")``); ``train`` and ``mask`` accepted and ignored."""
 
@@ -361,6 +442,8 @@ __all__ = [
     "STATEFUL_NORM_NAMES",
     "BatchNorm",
     "BatchRenorm",
+    "Derf",
+    "DynamicTanh",
     "EvoNormB0",
     "EvoNormS0",
     "FilterResponseNorm",
@@ -368,6 +451,7 @@ __all__ = [
     "Identity",
     "InstanceNorm",
     "LayerNorm",
+    "RMSNorm",
     "SwitchableNorm",
     "make",
     "module_fields",

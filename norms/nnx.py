@@ -7,7 +7,8 @@ The same functions, names, fields, parameters and state as :mod:`norms.linen`
   count is given up front (NNX creates parameters eagerly).
 - Params: ``nnx.Param`` attributes named as linen's ``params`` (``scale``,
   ``bias``; FRN ``tau``/``eps``; EvoNorm ``v``; SwitchableNorm
-  ``mean_logits``/``var_logits``); an absent one is ``None``.
+  ``mean_logits``/``var_logits``; DynamicTanh ``alpha``; Derf ``alpha``/``shift``);
+  an absent one is ``None``.
 - State: ``nnx.BatchStat`` attributes ``mean`` (C,) f32, ``var`` (C,) f32,
   ``count`` () int32 and, for BatchRenorm, ``step`` () int32: linen's
   ``batch_stats``. Training updates them in place (``nnx.jit`` carries the
@@ -49,7 +50,15 @@ from norms.batch_renorm import BatchRenormState, batch_renorm, init_batch_renorm
 from norms.evo_norm import evonorm_b0, evonorm_s0
 from norms.filter_response_norm import filter_response_norm
 from norms.group_norm import group_norm, instance_norm, layer_norm
+from norms.pointwise import (
+    DERF_ALPHA_INIT,
+    DERF_SHIFT_INIT,
+    DYT_ALPHA_INIT,
+    derf,
+    dynamic_tanh,
+)
 from norms.registry import NORM_NAMES, call_stateful, resolve
+from norms.rms_norm import rms_norm
 from norms.running_stats import BatchNormState, init_batch_norm_state
 from norms.switchable_norm import switchable_norm
 
@@ -62,17 +71,15 @@ def _get(v: nnx.Variable | None) -> jax.Array | None:
     return None if v is None else v[...]
 
 
-class _Affine(nnx.Module):
-    """Optional per-channel ``scale``/``bias`` params and the output dtype."""
+class _Scaled(nnx.Module):
+    """An optional per-channel ``scale`` param and the output dtype."""
 
     def __init__(
         self,
         num_features: int,
         *,
         use_scale: bool = True,
-        use_bias: bool = True,
         scale_init: Initializer = ones,
-        bias_init: Initializer = zeros,
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
@@ -85,7 +92,6 @@ class _Affine(nnx.Module):
         self.num_features = num_features
         self.dtype, self.param_dtype = dtype, param_dtype
         self.scale = self.channel_param(scale_init, rngs) if use_scale else nnx.data(None)
-        self.bias = self.channel_param(bias_init, rngs) if use_bias else nnx.data(None)
 
     def channel_param(self, init: Initializer, rngs: nnx.Rngs, shape=None) -> nnx.Param:
         shape = (self.num_features,) if shape is None else shape
@@ -93,6 +99,22 @@ class _Affine(nnx.Module):
 
     def out(self, y: jax.Array) -> jax.Array:
         return y if self.dtype is None else y.astype(self.dtype)
+
+
+class _Affine(_Scaled):
+    """Optional per-channel ``scale``/``bias`` params and the output dtype."""
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        use_bias: bool = True,
+        bias_init: Initializer = zeros,
+        rngs: nnx.Rngs,
+        **scaled: Any,
+    ):
+        super().__init__(num_features, rngs=rngs, **scaled)
+        self.bias = self.channel_param(bias_init, rngs) if use_bias else nnx.data(None)
 
 
 def _check_mode(who: str, use_running_average) -> bool:
@@ -378,6 +400,90 @@ class EvoNormS0(_Affine):
         return self.out(y)
 
 
+class RMSNorm(_Scaled):
+    """RMSNorm (:func:`norms.rms_norm`), flax's formula: ``scale`` (C,) only; ``train`` ignored."""
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        eps: float = 1e-6,
+        axis: int = -1,
+        rngs: nnx.Rngs,
+        **scaled: Any,
+    ):
+        super().__init__(num_features, rngs=rngs, **scaled)
+        self.eps, self.axis = eps, axis
+
+    def __call__(self, x: jax.Array, *, train: bool | None = None, mask=None) -> jax.Array:
+        del train  # batch-independent: accepted only for a uniform call signature
+        y = rms_norm(x, _get(self.scale), axis=self.axis, eps=self.eps, mask=mask)
+        return self.out(y)
+
+
+class _Pointwise(_Affine):
+    """DyT's and Derf's ``alpha`` (and ``shift``): scalars, or (C,) if ``per_channel``."""
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        per_channel: bool = False,
+        axis: int = -1,
+        rngs: nnx.Rngs,
+        **affine: Any,
+    ):
+        super().__init__(num_features, rngs=rngs, **affine)
+        self.per_channel, self.axis = per_channel, axis
+
+    def pre_param(self, value: float, rngs: nnx.Rngs) -> nnx.Param:
+        shape = (self.num_features,) if self.per_channel else ()
+        return self.channel_param(nnx.initializers.constant(value), rngs, shape)
+
+
+class DynamicTanh(_Pointwise):
+    """DyT (:func:`norms.dynamic_tanh`); ``alpha`` init 0.5; ``train``/``mask`` ignored."""
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        alpha_init: float = DYT_ALPHA_INIT,
+        rngs: nnx.Rngs,
+        **fields: Any,
+    ):
+        super().__init__(num_features, rngs=rngs, **fields)
+        self.alpha = self.pre_param(alpha_init, rngs)
+
+    def __call__(self, x: jax.Array, *, train: bool | None = None, mask=None) -> jax.Array:
+        del train, mask  # pointwise: no statistics, nothing to mask
+        y = dynamic_tanh(x, self.alpha[...], _get(self.scale), _get(self.bias), axis=self.axis)
+        return self.out(y)
+
+
+class Derf(_Pointwise):
+    """Derf (:func:`norms.derf`); ``alpha`` (init 0.5), ``shift`` (0); train, mask ignored."""
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        alpha_init: float = DERF_ALPHA_INIT,
+        shift_init: float = DERF_SHIFT_INIT,
+        rngs: nnx.Rngs,
+        **fields: Any,
+    ):
+        super().__init__(num_features, rngs=rngs, **fields)
+        self.alpha = self.pre_param(alpha_init, rngs)
+        self.shift = self.pre_param(shift_init, rngs)
+
+    def __call__(self, x: jax.Array, *, train: bool | None = None, mask=None) -> jax.Array:
+        del train, mask  # pointwise: no statistics, nothing to mask
+        a, s = self.alpha[...], self.shift[...]
+        y = derf(x, a, s, _get(self.scale), _get(self.bias), axis=self.axis)
+        return self.out(y)
+
+
 class Identity(nnx.Module):
     """No normalization (``make("none", C, rngs=...)``); ``train``/``mask`` ignored."""
 
@@ -417,6 +523,8 @@ __all__ = [
     "NORM_NAMES",
     "BatchNorm",
     "BatchRenorm",
+    "Derf",
+    "DynamicTanh",
     "EvoNormB0",
     "EvoNormS0",
     "FilterResponseNorm",
@@ -424,6 +532,7 @@ __all__ = [
     "Identity",
     "InstanceNorm",
     "LayerNorm",
+    "RMSNorm",
     "SwitchableNorm",
     "make",
     "module_fields",

@@ -60,6 +60,24 @@ def test_every_norm_traces_in_train_and_eval(norm, version):
     assert evaluated.shape == (2, 4)
 
 
+@pytest.mark.parametrize("norm", ["rms_norm", "dyt", "derf"])
+def test_statistics_free_norms_run_a_forward_pass_by_config(norm):
+    model = create_model("resnet50_v2_small", norm=norm, **{**TINY, "depths": (1, 1)})
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    variables = jax.jit(lambda x: model.init({"params": jax.random.key(1)}, x, train=False))(x)
+    assert "batch_stats" not in variables  # no running statistics to keep
+    block = variables["params"]["stage0_block0"]
+    expected = {"rms_norm": {"scale"}, "dyt": {"scale", "bias", "alpha"}}
+    assert set(block["norm0"]) == expected.get(norm, {"scale", "bias", "alpha", "shift"})
+    logits = jax.jit(lambda v, x: model.apply(v, x, train=True))(variables, x)
+    assert logits.shape == (2, 4) and np.isfinite(np.asarray(logits)).all()
+    # no batch statistic: the first example's logits ignore the second example
+    other = x.at[1].set(10.0 * x[1] + 3.0)
+    np.testing.assert_allclose(
+        model.apply(variables, other, train=True)[0], logits[0], rtol=1e-5, atol=1e-6
+    )
+
+
 def test_group_norm_with_weight_standardized_convs_runs():
     model = create_model(
         "resnet18_v2_small", norm="group_norm", norm_kwargs={"num_groups": 8}, ws_conv=True, **TINY

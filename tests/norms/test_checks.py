@@ -20,6 +20,9 @@ CALLS = {
     "layer_norm": lambda s: norms.layer_norm(X, s, axis=1),
     "instance_norm": lambda s: norms.instance_norm(X, s, axis=1),
     "filter_response_norm": lambda s: norms.filter_response_norm(X, s, axis=1),
+    "rms_norm": lambda s: norms.rms_norm(X, s, axis=1),
+    "dynamic_tanh": lambda s: norms.dynamic_tanh(X, 0.5, s, axis=1),
+    "derf": lambda s: norms.derf(X, 0.5, 0.0, s, axis=1),
     "switchable_norm": lambda s: norms.switchable_norm(
         X, STATE, s, None, jnp.zeros(3), jnp.zeros(3), train=True, axis=1
     ),

@@ -16,6 +16,8 @@ from tests.norms.test_batch_renorm import ref_r_d, ref_renorm
 from tests.norms.test_evo_norm import ref_b0, ref_s0
 from tests.norms.test_filter_response_norm import ref_frn
 from tests.norms.test_group_norm import ref_group_norm
+from tests.norms.test_pointwise import ref_derf, ref_dyt
+from tests.norms.test_rms_norm import ref_rms_norm
 from tests.norms.test_switchable_norm import ref_switchable
 from tests.norms.test_weight_standardization import ref_scaled_ws, ref_ws
 
@@ -72,6 +74,15 @@ NORMS = {
         lambda x: norms.filter_response_norm(x, S, B, TAU),
         lambda x: ref_frn(x, S, B, TAU),
     ),
+    "rms_norm": (lambda x: norms.rms_norm(x, S), lambda x: ref_rms_norm(x, S)),
+    "dynamic_tanh": (
+        lambda x: norms.dynamic_tanh(x, 0.5, S, B),
+        lambda x: ref_dyt(x, 0.5, S, B),
+    ),
+    "derf": (
+        lambda x: norms.derf(x, 0.5, 0.1, S, B),
+        lambda x: ref_derf(x, 0.5, 0.1, S, B),
+    ),
     "switchable_norm": (
         lambda x: norms.switchable_norm(x, _state(), S, B, LOGITS_M, LOGITS_V, train=True)[0],
         lambda x: ref_switchable(x, S, B, LOGITS_M, LOGITS_V)[0],
@@ -92,6 +103,8 @@ NORMS = {
     ),
 }
 SHAPE = (4, 3, 5, C)
+# No statistics to overflow: a huge input saturates tanh / erf to a finite, correct value.
+POINTWISE = {"dynamic_tanh", "derf"}
 
 
 @pytest.mark.parametrize("dtype", [np.int32, np.uint8])
@@ -136,7 +149,7 @@ def test_complex_input_is_rejected_with_a_clear_error():
 
 # Norms whose output is scale-invariant (up to eps): not eval with running
 # statistics, nor renorm's correction towards them, nor S0's sigmoid(v * x).
-SCALE_FREE = sorted(set(NORMS) - {"batch_norm_eval", "batch_renorm", "evonorm_s0"})
+SCALE_FREE = sorted(set(NORMS) - {"batch_norm_eval", "batch_renorm", "evonorm_s0"} - POINTWISE)
 
 
 @pytest.mark.parametrize("name", sorted(set(NORMS) - {"batch_norm_eval"}))
@@ -151,7 +164,7 @@ def test_large_inputs_whose_squares_fit_float32_match_the_reference(name):
 
 
 @pytest.mark.parametrize("scale", [1e19, 1e30])
-@pytest.mark.parametrize("name", sorted(set(NORMS) - {"batch_norm_eval"}))
+@pytest.mark.parametrize("name", sorted(set(NORMS) - {"batch_norm_eval", "rms_norm"} - POINTWISE))
 def test_inputs_whose_squares_overflow_give_non_finite_outputs_not_zeros(name, scale):
     """Float32 statistics of ~1e19+ values overflow; the output must say so (NaN).
 
@@ -172,12 +185,34 @@ def test_inputs_whose_squares_overflow_give_non_finite_outputs_not_zeros(name, s
     assert not np.any(np.isfinite(y)), f"{name}: finite outputs from overflowed statistics"
 
 
-@pytest.mark.parametrize("name", ["batch_norm", "group_norm", "layer_norm"])
+@pytest.mark.parametrize("name", ["batch_norm", "group_norm", "layer_norm", "rms_norm"])
 def test_overflowed_statistics_give_non_finite_gradients(name):
     fn, _ = NORMS[name]
     big = np.random.default_rng(5).normal(0.5, 2.0, SHAPE).astype(np.float32) * np.float32(1e30)
     g = jax.grad(lambda x: jnp.sum(fn(x) * jnp.arange(x.size).reshape(x.shape)))(big)
     assert not np.any(np.isfinite(np.asarray(g)))
+
+
+@pytest.mark.parametrize("scale", [1e19, 1e30])
+def test_rms_norm_is_nan_exactly_where_its_mean_square_overflows(scale):
+    """One statistic per 6-channel vector: some overflow at 1e19, all at 1e30."""
+    big = np.random.default_rng(4).normal(0.5, 2.0, SHAPE).astype(np.float32) * np.float32(scale)
+    fn, ref = NORMS["rms_norm"]
+    y = np.asarray(fn(big))
+    with np.errstate(over="ignore"):
+        overflowed = ~np.isfinite(np.sum(np.square(big), axis=-1, keepdims=True))
+    assert overflowed.any()
+    np.testing.assert_array_equal(np.isnan(y), np.broadcast_to(overflowed, y.shape))
+    ok = ~np.broadcast_to(overflowed, y.shape)
+    np.testing.assert_allclose(y[ok], ref(big.astype(np.float64))[ok], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(POINTWISE))
+@pytest.mark.parametrize("scale", [1e19, 1e30])
+def test_pointwise_layers_saturate_finitely_on_huge_inputs(name, scale):
+    x = np.random.default_rng(4).normal(0.5, 2.0, SHAPE).astype(np.float32) * np.float32(scale)
+    fn, ref = NORMS[name]
+    np.testing.assert_allclose(np.asarray(fn(x)), ref(x.astype(np.float64)), rtol=1e-6)
 
 
 def test_overflowed_batch_leaves_the_running_statistics_alone():

@@ -75,7 +75,17 @@ def pure_call(name, x, p, state, train, mask=None):
         return norms.filter_response_norm(x, s, b, p["tau"], learned_eps=p["eps"], mask=m), None
     if name == "evonorm_s0":
         return norms.evonorm_s0(x, s, b, p["v"], num_groups=8, mask=m), None
+    if name == "rms_norm":
+        return norms.rms_norm(x, s, mask=m), None
+    if name == "dyt":  # pointwise: no statistics, so no mask
+        return norms.dynamic_tanh(x, p["alpha"], s, b), None
+    if name == "derf":
+        return norms.derf(x, p["alpha"], p["shift"], s, b), None
     return x, None
+
+
+# No statistics: a mask has no values to leave out, so these modules ignore it.
+MASK_FREE = ("none", "dyt", "derf")
 
 
 MODULE_KWARGS = {
@@ -126,7 +136,7 @@ def test_every_module_takes_mask_like_its_pure_function(name):
     y, upd = module.apply(full, X, train=True, mask=MASK, mutable=["batch_stats"])
     ry, rstate = pure_call(name, jnp.asarray(X), params, state, True, mask=MASK)
     np.testing.assert_allclose(y, ry, rtol=1e-6, atol=1e-6)
-    if name != "none":  # the mask changes the output (it is not ignored)
+    if name not in MASK_FREE:  # the mask changes the output (it is not ignored)
         unmasked = module.apply(full, X, train=True, mutable=["batch_stats"])[0]
         assert not np.allclose(y, unmasked, rtol=1e-4, atol=1e-4)
     if state is not None:
@@ -236,3 +246,32 @@ def test_evonorm_b0_module_stores_the_unbiased_running_var():
     np.testing.assert_allclose(
         upd["batch_stats"]["var"], 0.5 + 0.5 * var_b * n / (n - 1), rtol=1e-5
     )
+
+
+def test_rms_norm_module_equals_flax_rms_norm():
+    ours, theirs = L.make("rms_norm"), nn.RMSNorm()
+    v_ours = ours.init(jax.random.key(0), X)
+    v_theirs = theirs.init(jax.random.key(0), X)
+    assert jax.tree.map(jnp.shape, v_ours) == jax.tree.map(jnp.shape, v_theirs)  # scale only
+    params = randomize(v_ours)
+    np.testing.assert_allclose(ours.apply(params, X), theirs.apply(params, X), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["dyt", "derf"])
+def test_pointwise_modules_scalar_or_per_channel_params_and_dtypes(name):
+    module = L.make(name)
+    params = module.init(jax.random.key(0), X)["params"]
+    pre = ("alpha",) if name == "dyt" else ("alpha", "shift")
+    assert set(params) == {"scale", "bias", *pre}
+    assert float(params["alpha"]) == 0.5 and params["alpha"].shape == ()  # the papers' init
+    if name == "derf":
+        assert float(params["shift"]) == 0.0 and params["shift"].shape == ()
+    wide = L.make(name, per_channel=True, alpha_init=0.8, dtype=jnp.bfloat16)
+    v = wide.init(jax.random.key(0), X)
+    np.testing.assert_array_equal(v["params"]["alpha"], np.full(32, 0.8, np.float32))
+    v = {"params": randomize(v["params"])}
+    y = wide.apply(v, X)
+    p = v["params"]
+    ry = pure_call(name, jnp.asarray(X), p, None, True)[0]
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(ry.astype(jnp.bfloat16)))

@@ -265,3 +265,28 @@ def test_evonorm_b0_module_stores_the_unbiased_running_var():
     n = X.shape[0] * X.shape[1] * X.shape[2]
     var_b = np.asarray(X, np.float64).var(axis=(0, 1, 2))
     np.testing.assert_allclose(m.var[...], 0.5 + 0.5 * var_b * n / (n - 1), rtol=1e-5)
+
+
+def test_rms_norm_module_equals_flax_nnx_rms_norm():
+    ours = N.make("rms_norm", 32, rngs=nnx.Rngs(0))
+    theirs = nnx.RMSNorm(32, rngs=nnx.Rngs(0))
+    assert as_dict(nnx.state(ours, nnx.Param)).keys() == {"scale"}
+    ours.scale[...] = theirs.scale[...] = rand((32,), 3, 1.0, 0.5)
+    np.testing.assert_allclose(ours(X), theirs(X), rtol=1e-6)
+    mask = np.asarray(MASK) | (np.arange(32) == 0)  # every vector keeps a value for flax
+    np.testing.assert_allclose(ours(X, mask=mask), theirs(X, mask=mask), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["dyt", "derf"])
+def test_pointwise_modules_per_channel_equal_linen(name):
+    m = N.make(name, 32, rngs=nnx.Rngs(0), per_channel=True, alpha_init=0.8)
+    linen = L.make(name, per_channel=True, alpha_init=0.8)
+    variables = linen.init(jax.random.key(0), X)
+    assert jax.tree.map(np.shape, as_dict(nnx.state(m, nnx.Param))) == jax.tree.map(
+        np.shape, dict(variables["params"])
+    )
+    params = randomize(dict(variables["params"]))
+    m = N.make(name, 32, rngs=nnx.Rngs(0), per_channel=True)
+    for k, v in params.items():
+        getattr(m, k)[...] = v
+    np.testing.assert_allclose(m(X), linen.apply({"params": params}, X), rtol=1e-6, atol=1e-6)
