@@ -36,7 +36,7 @@ def _setup(data_dir: str):
         make_train_step(model, tx), axis_name="batch", in_axes=(0, 0, None),
         devices=jax.local_devices()[:DEVICES],
     )  # fmt: skip
-    train_ds, _ = load_data(config)
+    train_ds, _, _ = load_data(config)
     return model, state, step, train_ds
 
 

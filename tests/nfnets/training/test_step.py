@@ -25,7 +25,7 @@ def _bn_setup(data_dir: str, num_devices: int):
     """
     config = tiny_bn_config(data_dir)
     config.sync_batch_stats = "all"
-    train_ds, _ = load_data(config)
+    train_ds, _, _ = load_data(config)
     d = make_plan(
         config,
         num_train_examples=len(train_ds),
