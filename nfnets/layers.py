@@ -301,6 +301,18 @@ def check_stages(who: str, widths: Sequence[int], depths: Sequence[int]) -> None
         raise ValueError(f"{who}: every stage depth must be >= 1, got {tuple(depths)}")
 
 
+def check_stem_stride(who: str, small: bool, stem_stride: int) -> None:
+    """``stem_stride`` is a positive int, and only the ``_small`` 3x3 stem takes one
+    (the full stem's 7x7 conv + max pool have the published stride 4)."""
+    if not isinstance(stem_stride, int) or isinstance(stem_stride, bool) or stem_stride < 1:
+        raise ValueError(f"{who}: stem_stride must be a positive int, got {stem_stride!r}")
+    if stem_stride != 1 and not small:
+        raise ValueError(
+            f"{who}: stem_stride {stem_stride} applies to the small 3x3 stem only; "
+            "use the model's _small variant or leave stem_stride at 1"
+        )
+
+
 def total_stride(stem_stride: int, num_stages: int) -> int:
     """Total stride of a stem (``stem_stride``) and the first ``num_stages`` stages:
     the smallest H and W a model accepts."""

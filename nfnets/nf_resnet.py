@@ -33,6 +33,7 @@ from nfnets.layers import (
     NFBlock,
     WSConv2D,
     check_stages,
+    check_stem_stride,
     classifier_head,
     nf_block_plan,
 )
@@ -71,6 +72,7 @@ class NFResNetBlock(NFBlock):
 def check_nf_resnet_config(model: NFResNet) -> None:
     """Validates widths/depths; errors name the offending values."""
     check_stages("NFResNet", model.widths, model.depths)
+    check_stem_stride("NFResNet", model.small, model.stem_stride)
     for width in model.widths:
         if int(width * model.bottleneck_ratio) < 1:
             raise ValueError(

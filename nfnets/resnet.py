@@ -42,6 +42,7 @@ from nfnets.layers import (
     MinImageSize,
     StdConv2D,
     check_stages,
+    check_stem_stride,
     classifier_head,
 )
 from norms import linen as norms_linen
@@ -153,6 +154,7 @@ def check_resnet_config(model: ResNet) -> None:
             f"ResNet: unknown activation {model.activation!r}; valid: {sorted(ACTIVATIONS)}"
         )
     check_stages("ResNet", model.widths, model.depths)
+    check_stem_stride("ResNet", model.small, model.stem_stride)
 
 
 class ResNet(MinImageSize, _Layers):
@@ -173,6 +175,7 @@ class ResNet(MinImageSize, _Layers):
     activation: str = "relu"
     dropout: float = 0.0
     small: bool = False
+    stem_stride: int = 1  # small stem only, as in NFResNet: 2 halves the resolution
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -181,7 +184,7 @@ class ResNet(MinImageSize, _Layers):
         act = ACTIVATIONS[self.activation]
         h = x.astype(self.dtype)
         if self.small:
-            h = self.conv(self.stem_width, 3, 1, "stem_conv")(h)
+            h = self.conv(self.stem_width, 3, self.stem_stride, "stem_conv")(h)
         else:
             h = self.conv(self.stem_width, 7, 2, "stem_conv")(h)
         if self.version == "v1":

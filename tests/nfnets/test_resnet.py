@@ -137,3 +137,43 @@ def test_sync_batch_norm_under_pmap_equals_one_big_batch():
             np.testing.assert_allclose(got[d], want, rtol=1e-4, atol=1e-5)
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
         np.testing.assert_allclose(got[0], want, rtol=2e-3, atol=1e-4)
+
+
+def _stage_shapes(name: str, **kwargs) -> dict[str, tuple]:
+    """Output shape of each stage block, from an abstract forward pass."""
+    model = create_model(name, num_classes=10, **kwargs)
+    x = jnp.zeros((2, 28, 28, 1))
+
+    def forward(x):
+        variables = model.init(jax.random.key(0), x, train=False)
+        _, state = model.apply(
+            variables, x, train=False, mutable=["intermediates"], capture_intermediates=True
+        )
+        return state["intermediates"]
+
+    inter = jax.eval_shape(forward, x)
+    return {k: v["__call__"][0].shape for k, v in inter.items() if k.startswith("stage")}
+
+
+def test_small_stem_stride_gives_the_nf_models_resolutions():
+    # The BN twin of configs/default.py: same stem, widths, depths and ratio.
+    shape = {"stem_width": 16, "stem_stride": 2, "widths": (32, 64, 128), "depths": (1, 1, 1)}
+    shape["bottleneck_ratio"] = 0.5
+    nf = _stage_shapes("nf_resnet26_small", **shape)
+    twin = _stage_shapes("resnet50_v2_small", norm="batch_norm", **shape)
+    assert (
+        twin
+        == nf
+        == {
+            "stage0_block0": (2, 14, 14, 32),
+            "stage1_block0": (2, 7, 7, 64),
+            "stage2_block0": (2, 4, 4, 128),
+        }
+    )
+
+
+@pytest.mark.parametrize("name", ["resnet50_v2", "nf_resnet50"])
+def test_stem_stride_on_the_full_stem_is_refused(name):
+    with pytest.raises(ValueError, match="small 3x3 stem only"):
+        model = create_model(name, num_classes=10, stem_stride=2)
+        model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False)
