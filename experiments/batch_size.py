@@ -1,236 +1,416 @@
-"""Test accuracy against the normalization batch size at a fixed optimizer batch.
+"""Accuracy against the normalization batch: BN, the batch-independent norms and NF.
 
-Claim (Wu & He, "Group Normalization", ECCV 2018, Figure 1; ResNet-50, ImageNet):
-BN's validation error grows as the batch it normalizes over shrinks (23.6 / 23.7
-/ 24.8 / 27.3 / 34.7 % at 32 / 16 / 8 / 4 / 2 images per device) while GN stays
-flat (24.1 / 24.2 / 24.0 / 24.2 / 24.1 %).
+Claims (each verdict computed by :func:`claims` from the paired seeds):
 
-Here: Fashion-MNIST, the small-input pre-activation ResNet-18 of
-``configs/fashion_mnist_norms.py`` cut to stem 8 and three single-block stages of
-widths 8/16/32 (``grid.TINY_RESNET``), optimizer batch 128 for every cell, 200
-SGD-Nesterov steps (lr 0.05, 0.05 epochs of warmup then cosine; 25,600
-images, 0.43 epochs), crop+flip augmentation, evaluated on the whole 10,000-image
-test split.
+1. The seed's claim: evaluating BN with small-batch statistics breaks it, and the
+   running averages fix it. The BN twin trained at batch 128 is evaluated on the
+   whole test split in train mode (each eval batch normalized by its own
+   statistics) at eval batches 1, 2, 8 and 32 and at its own 128, against its
+   running averages and PreciseBN (50 training batches). At batch 1 the spatial
+   statistics of one image are used: single-sample inference.
+2. BN degrades as its normalization batch shrinks (Wu & He, "Group
+   Normalization", ECCV 2018, Figure 1: 23.6 -> 34.7 % ImageNet error from 32 to 2
+   images per device): ghost batches 2, 4, 8, 32 and the full 128, all at
+   optimizer batch 128, each with running averages and PreciseBN.
+3. Batch-independent norms stay flat and beat BN at small batches (the GN paper;
+   FRN, Singh & Krishnan 2020, "FRN beats BN and GN at every batch size"): GN (16
+   groups, the most that the 16-channel stem allows), GN + weight-standardized
+   convs, LN, FRN + TLU and EvoNorm-S0 (16 groups). Their forward pass does not
+   depend on the other examples of the batch, so training at one batch size (128)
+   is their curve at every normalization batch.
+4. Pointwise layers (DyT, Zhu et al. 2025; Derf, 2025) and RMSNorm: DyT's own
+   limitation, that a pointwise layer does not match BN at the full batch in a
+   ResNet; whether it beats BN at batch 2. DyT runs with the paper's alpha init 0.5
+   and with 1.0; the one with the higher mean validation accuracy is the one compared.
+5. The NF model of ``configs/default.py`` against its BN twin under the same recipe.
 
-- BN (``norm_kwargs.ghost_batch_size`` 2, 4, 8, 16, 32, or the full 128),
-  evaluated with its running averages and with PreciseBN (20 training batches).
-- Batch renorm at every size, with the paper's r_max / d_max schedule scaled to
-  the run (``configs/fashion_mnist_batch_renorm.py``: batch norm for the first
-  1/16 of the steps, d_max = 5 at 5/16, r_max = 3 at half the run), and
-  switchable norm and EvoNorm-B0 at 2 and 128.
-  These norms have no ghost batches, so the small sizes run on 64 virtual CPU
-  devices with 2 examples each (``sync_batch_stats="none"`` for 2, device groups
-  of 2..16 for 4..32); 128 runs on one device.
-- Batch-independent, once each: GN (4 groups), GN + weight-standardized convs, LN,
-  IN, FRN + TLU, EvoNorm-S0 (4 groups), and the NF-ResNet of
-  ``configs/default.py`` (its own AdamW recipe), drawn as flat lines.
-- Seed spread: BN over the full batch with seeds 0, 1, 2.
+Every arm is the BN twin of ``configs/default.py`` (``experiments.protocol``),
+differing only in its norm; the NF arm is ``configs/default.py``'s model. The
+recipe (learning rate, epochs) is the one chosen on validation by
+``experiments.recipe``; 3 paired seeds per arm; 5,000 training images held out as
+the validation split; test accuracy on the whole 10,000-image test split.
 
-``--quick``: one stage of width 4, batch 64, 2 steps, on whatever (tiny) data
-``--data-dir`` points to.
+``--quick``: the width-8 one-stage twin, batch 16, two steps, ghost batches 2 and
+8, on whatever (tiny) data ``--data-dir`` points to.
 """
 
 from __future__ import annotations
 
-import statistics
 import sys
+from pathlib import Path
 
-from experiments import grid
-from nfnets.training.plan import PAPER_SCALED
+from experiments import grid, protocol
 
-GHOSTS = (2, 4, 8, 16, 32)
-SIZES = (*GHOSTS, "full")
-STATEFUL = {"bn": "batch_norm", "brn": "batch_renorm", "sn": "switchable_norm"}
-STATEFUL["evonorm_b0"] = "evonorm_b0"
-FLAT = {  # key -> (label, norm, norm_kwargs, ws_conv)
-    "gn": ("GN", "group_norm", {"num_groups": 4}, False),
-    "gn_ws": ("GN+WS", "group_norm", {"num_groups": 4}, True),
+GHOSTS = (2, 4, 8, 32)
+QUICK_GHOSTS = (2, 8)
+EVAL_SIZES = (1, 2, 8, 32)  # claim 1: train-mode eval batches besides the run's own
+QUICK_EVAL_SIZES = (1, 2)
+PRECISE_BATCHES = 50
+GN_GROUPS = 16
+DYT_ALPHAS = (0.5, 1.0)
+# arm -> (label, norm, norm_kwargs, ws_conv); forward passes independent of the batch.
+INDEPENDENT = {
+    "gn": ("GN", "group_norm", {"num_groups": GN_GROUPS}, False),
+    "gn_ws": ("GN+WS", "group_norm", {"num_groups": GN_GROUPS}, True),
     "ln": ("LN", "layer_norm", {}, False),
-    "in": ("IN", "instance_norm", {}, False),
     "frn": ("FRN+TLU", "frn", {}, False),
-    "evonorm_s0": ("EvoNorm-S0", "evonorm_s0", {"num_groups": 4}, False),
+    "evonorm_s0": ("EvoNorm-S0", "evonorm_s0", {"num_groups": GN_GROUPS}, False),
+    "rms_norm": ("RMSNorm", "rms_norm", {}, False),
+    **{f"dyt_a{a:g}": (f"DyT (alpha0 {a:g})", "dyt", {"alpha_init": a}, False) for a in DYT_ALPHAS},
+    "derf": ("Derf", "derf", {}, False),
 }
-LABELS = {"bn": "BN", "brn": "BRN", "sn": "SN", "evonorm_b0": "EvoNorm-B0"}
-SEEDS = (1, 2)
+QUICK_GROUPS = 2  # the quick model has 4 and 8 channels
 
 
-def sizes(quick: bool) -> dict:
-    if quick:
-        return {
-            **grid.QUICK_RESNET,
-            **grid.QUIET,
-            "batch_size": 64,
-            "eval_batch_size": 64,
-            "num_train_steps": 2,
-            "warmup_epochs": 0.0,
-            "log_every_steps": 1,
-        }
-    return {
-        **grid.TINY_RESNET,
-        **grid.QUIET,
-        "batch_size": 128,
-        "eval_batch_size": 1024,  # divisible by the 64 devices (the last batch is masked)
-        "num_train_steps": 200,
-        "warmup_epochs": 0.05,
-        "log_every_steps": 50,
+def full_batch(quick: bool) -> int:
+    return protocol.QUICK["batch_size"] if quick else protocol.FULL_BATCH
+
+
+def bn_arm(size: int) -> str:
+    return f"bn_g{size}"
+
+
+def cells(quick: bool, out: Path) -> list[grid.Cell]:
+    recipe = protocol.load_recipe(out, quick)
+    full = full_batch(quick)
+    sizes = (*(QUICK_GHOSTS if quick else GHOSTS), full)
+    out_cells = []
+    for seed in protocol.SEEDS:
+        for size in (full, *sizes[:-1]):  # the full batch first: claim 1 and the baseline
+            kwargs = {} if size == full else {"ghost_batch_size": size}
+            info = {"arm": bn_arm(size), "label": "BN", "norm_batch": size}
+            out_cells.append(
+                protocol.twin_cell(
+                    bn_arm(size), "batch_norm", kwargs, seed, quick, recipe, info=info
+                )
+            )
+    for seed in protocol.SEEDS:
+        for arm, (label, norm, kwargs, ws) in INDEPENDENT.items():
+            if quick and "num_groups" in kwargs:
+                kwargs = {"num_groups": QUICK_GROUPS}
+            info = {"arm": arm, "label": label, "norm_batch": None}
+            out_cells.append(
+                protocol.twin_cell(arm, norm, kwargs, seed, quick, recipe, ws_conv=ws, info=info)
+            )
+        info = {"arm": "nf", "label": "NF-ResNet", "norm_batch": None}
+        out_cells.append(protocol.nf_cell("nf", seed, quick, recipe, info=info))
+    return out_cells
+
+
+def after_cell(cell: grid.Cell, config, workdir: Path, entry: dict) -> dict:
+    """BN arms: running averages, PreciseBN and (full batch) train-mode eval by size."""
+    from nfnets.training.doctor import diagnose
+
+    # A run at chance still has running averages to compare; a diverged one has not.
+    if cell.info.get("label") != "BN" or entry["status"] not in ("ok", "at_chance"):
+        return {}
+    quick = cell.overrides.get("num_train_steps") == protocol.QUICK["num_train_steps"]
+    full = cell.info["norm_batch"] == config.batch_size
+    sizes = (QUICK_EVAL_SIZES if quick else EVAL_SIZES) if full else ()
+    d = diagnose(str(workdir), batches=1 if quick else PRECISE_BATCHES, sizes=sizes)
+    ev = d["eval"]
+    extra = {
+        "eval_running_accuracy": ev["running"]["accuracy"],
+        "eval_precise_bn_accuracy": ev["precise_bn"]["accuracy"],
+        f"eval_train_mode_{ev['batch_stats']['batch_size']}_accuracy": ev["batch_stats"][
+            "accuracy"
+        ],
     }
+    for size, r in ev["batch_stats_by_size"].items():
+        extra[f"eval_train_mode_{size}_accuracy"] = r["accuracy"]
+    extra["doctor_causes"] = d["causes"]
+    return extra
 
 
-def _stateful_cell(family: str, size, base: dict, quick: bool, seed: int = 0) -> grid.Cell:
-    batch = base["batch_size"]
-    norm_batch = batch if size == "full" else size
-    kwargs, devices, sync = {}, 1, {"sync_batch_stats": "all"}
-    if family == "brn":  # the paper's r_max / d_max ramps, scaled to the run's length
-        kwargs = {"r_max": PAPER_SCALED, "d_max": PAPER_SCALED}
-    if size != "full" and family == "bn":
-        kwargs = {"ghost_batch_size": size}
-    elif size != "full":  # 2 examples per device; groups of devices make the rest
-        devices = batch // 2
-        group = size // 2
-        sync = {"sync_batch_stats": "none"} if group == 1 else {}
-        sync = sync or {"sync_batch_stats": "groups", "sync_group_size": group}
-    precise = (1 if quick else 20) if family in ("bn", "brn") else 0
-    overrides = {
-        **base,
-        "seed": seed,
-        "model_kwargs.norm": STATEFUL[family],
-        "model_kwargs.norm_kwargs": kwargs,
-        "precise_bn_batches": precise,
-        **sync,
+# ----------------------------------------------------------------------------- claims
+
+
+def chosen_dyt(entries: list[dict]) -> str:
+    """The DyT arm with the higher mean validation accuracy (the paper's init on ties)."""
+
+    def mean(arm: str) -> float:
+        iv = protocol.interval(protocol.by_seed(entries, arm, "validation_accuracy").values())
+        return -1.0 if iv["mean"] is None else iv["mean"]
+
+    arms = [f"dyt_a{a:g}" for a in DYT_ALPHAS]
+    return max(arms, key=lambda a: (mean(a), a == arms[0]))
+
+
+def claims(entries: list[dict]) -> list[dict]:
+    """Every claim of this experiment: paper's direction, paired interval, verdict.
+
+    Each is ``{"id", "claim", "paper", "arm", "base", "metric", "direction",
+    "diff", "verdict"}`` with ``diff`` from :func:`protocol.paired` (test accuracy
+    unless the metric says otherwise).
+    """
+    full = max((e["info"].get("norm_batch") or 0 for e in entries), default=128)
+    base, small = bn_arm(full), bn_arm(2)
+    dyt = chosen_dyt(entries)
+    rows = [
+        (
+            "1",
+            "train-mode eval at batch 1 is worse than the running averages",
+            "seed: single-sample inference breaks BN",
+            base,
+            base,
+            "eval_train_mode_1_accuracy",
+            "eval_running_accuracy",
+            "-",
+        ),
+        (
+            "1",
+            "train-mode eval at batch 2 is worse than the running averages",
+            "seed",
+            base,
+            base,
+            "eval_train_mode_2_accuracy",
+            "eval_running_accuracy",
+            "-",
+        ),
+        (
+            "1",
+            "PreciseBN matches the running averages after a full run",
+            "Wu & Johnson 2021: the gap closes at the end of training",
+            base,
+            base,
+            "eval_precise_bn_accuracy",
+            "eval_running_accuracy",
+            "=",
+        ),
+        ("2", "BN at ghost batch 2 is worse than at 128", "GN paper: +11.1 points error", small),
+        ("2", "BN at ghost batch 4 is worse than at 128", "GN paper: +3.7 points error", "bn_g4"),
+        ("2", "BN at ghost batch 8 is worse than at 128", "GN paper: +1.2 points error", "bn_g8"),
+        ("3", "GN beats BN at batch 2", "GN paper: 10.6 points better", "gn", small, "+"),
+        ("3", "GN matches BN at the full batch", "GN paper: 0.5 points worse", "gn", base, "="),
+        ("3", "GN+WS beats BN at batch 2", "WS paper (Qiao et al. 2019)", "gn_ws", small, "+"),
+        ("3", "LN beats BN at batch 2", "GN paper: LN 1.7 points below BN at 32", "ln", small),
+        ("3", "FRN beats BN at batch 2", "FRN paper", "frn", small, "+"),
+        ("3", "FRN beats BN at the full batch", "FRN paper: at every batch size", "frn", base),
+        ("3", "FRN beats GN", "FRN paper: at every batch size", "frn", "gn", "+"),
+        ("3", "EvoNorm-S0 beats BN at batch 2", "EvoNorm paper (Liu et al. 2020)", "evonorm_s0"),
+        ("4", f"{dyt} does not match BN at the full batch", "DyT paper's limitation", dyt, base),
+        ("4", f"{dyt} beats BN at batch 2", "(by construction it is flat)", dyt, small, "+"),
+        ("4", "Derf beats DyT", "Derf paper (transformers)", "derf", dyt, "+"),
+        ("4", "RMSNorm matches LN", "RMSNorm paper (Zhang & Sennrich 2019)", "rms_norm", "ln"),
+        ("5", "NF-ResNet matches its BN twin at batch 128", "Brock et al. 2021", "nf", base, "="),
+    ]
+    defaults = {  # per-claim defaults: base arm and direction when a row omits them
+        "2": (base, "-"),
+        "3": (small, "+"),
+        "4": (base, "="),
     }
-    key = f"{family}_{size}" + (f"_seed{seed}" if seed else "")
-    info = {"family": family, "label": LABELS[family], "norm_batch": norm_batch, "seed": seed}
-    return grid.Cell(key, "fashion_mnist_norms", overrides, devices, info)
-
-
-def cells(quick: bool) -> list[grid.Cell]:
-    base = sizes(quick)
-    out = [_stateful_cell(f, s, base, quick) for f in ("bn", "brn") for s in SIZES]
-    out += [_stateful_cell(f, s, base, quick) for f in ("sn", "evonorm_b0") for s in (2, "full")]
-    out += [_stateful_cell("bn", "full", base, quick, seed) for seed in SEEDS]
-    for key, (label, norm, kwargs, ws) in FLAT.items():
-        if quick and "num_groups" in kwargs:
-            kwargs = {"num_groups": 2}  # width-4 quick model
-        overrides = {
-            **base,
-            "model_kwargs.norm": norm,
-            "model_kwargs.norm_kwargs": kwargs,
-            "model_kwargs.ws_conv": ws,
-            "precise_bn_batches": 0,
-        }
-        out.append(grid.Cell(key, "fashion_mnist_norms", overrides, 1, {"label": label}))
-    nf = {k: v for k, v in base.items() if not k.startswith("model_kwargs.") or quick}
-    # configs/default.py's recipe keys, copied into the overrides so that a change of
-    # the default shows up as a changed cell (the grid compares overrides only).
-    recipe = default_recipe()
-    nf = {**nf, "checkpoint_every_steps": 0, **recipe}
-    out.append(grid.Cell("nf", "default", nf, 1, {"label": "NF-ResNet"}))
+    out = []
+    for row in rows:
+        cid, text, paper, arm = row[:4]
+        if len(row) == 8:
+            _, _, _, arm, base_arm, metric, base_metric, direction = row
+            diff = _paired_metrics(entries, arm, metric, base_metric)
+        else:
+            base_arm = row[4] if len(row) > 4 else defaults[cid][0]
+            direction = row[5] if len(row) > 5 else defaults[cid][1]
+            if cid == "4" and len(row) == 5:
+                direction = "-" if "does not" in text else "="
+            metric = base_metric = "test_accuracy"
+            diff = protocol.paired(entries, arm, base_arm, metric)
+        out.append(
+            {
+                "id": cid,
+                "claim": text,
+                "paper": paper,
+                "arm": arm,
+                "base": base_arm,
+                "metric": metric if metric == base_metric else f"{metric} - {base_metric}",
+                "direction": direction,
+                "diff": diff,
+                "verdict": protocol.verdict(diff, direction),
+            }
+        )
     return out
 
 
-def default_recipe() -> dict:
-    """The label smoothing and bottleneck ratio of ``configs/default.py``."""
-    from configs import default
-
-    c = default.get_config()
-    return {
-        "model_kwargs.bottleneck_ratio": c.model_kwargs.bottleneck_ratio,
-        "label_smoothing": c.label_smoothing,
-    }
+def _paired_metrics(entries: list[dict], arm: str, metric: str, base_metric: str) -> dict:
+    """Paired difference of two metrics of the same cells (seed by seed)."""
+    a = protocol.by_seed(entries, arm, metric)
+    b = protocol.by_seed(entries, arm, base_metric)
+    seeds = sorted(set(a) & set(b))
+    return {**protocol.interval([a[s] - b[s] for s in seeds]), "seeds": seeds}
 
 
-def _by_key(entries: list[dict]) -> dict[str, dict]:
-    return {e["key"]: e for e in entries}
+# ----------------------------------------------------------------------------- outputs
 
 
-def seed_spread(entries: list[dict]) -> dict | None:
-    """Mean, sample std and range of BN-full test accuracy over its seeds."""
-    e = _by_key(entries)
-    accs = [e[k]["test_accuracy"] for k in ("bn_full", "bn_full_seed1", "bn_full_seed2") if k in e]
-    accs = [a for a in accs if a is not None]
-    if len(accs) < 2:
-        return None
-    return {
-        "n": len(accs),
-        "mean": statistics.mean(accs),
-        "std": statistics.stdev(accs),
-        "range": max(accs) - min(accs),
-    }
-
-
-COLUMNS = (32, 16, 8, 4, 2, "full")  # the GN paper's order, then the full batch
+def arms(entries: list[dict]) -> list[dict]:
+    """One row per arm, in cell order: label, norm batch, intervals per metric."""
+    seen: dict[str, dict] = {}
+    for e in entries:
+        arm = protocol.arm_of(e["key"])
+        if arm not in seen:
+            seen[arm] = {"arm": arm, "label": e["info"]["label"], "norm_batch": None}
+            seen[arm]["norm_batch"] = e["info"].get("norm_batch")
+            seen[arm]["status"] = set()
+        seen[arm]["status"].add(e["status"])
+    for arm, row in seen.items():
+        for metric in (
+            "validation_accuracy",
+            "test_accuracy",
+            "eval_precise_bn_accuracy",
+        ):
+            row[metric] = protocol.interval(protocol.by_seed(entries, arm, metric).values())
+    return list(seen.values())
 
 
 def table(entries: list[dict]) -> str:
-    e = _by_key(entries)
-    headers = ["norm (test accuracy %)", *(f"batch {s}" for s in COLUMNS[:-1]), "batch 128"]
-    rows = [
-        _row(e, "bn", precise=False),
-        _row(e, "bn", precise=True),
-        _row(e, "brn", precise=False),
-        _row(e, "brn", precise=True),
-        _row(e, "sn", precise=False),
-        _row(e, "evonorm_b0", precise=False),
-    ]
-    text = grid.markdown_table(headers, rows)
-    flat = [(FLAT[k][0] if k in FLAT else "NF-ResNet", grid.pct(e.get(k))) for k in (*FLAT, "nf")]
-    text += "\n\nBatch-independent norms (one run each):\n\n"
-    text += grid.markdown_table(["norm", "test accuracy %"], flat)
-    spread = seed_spread(entries)
-    if spread:
-        text += (
-            f"\n\nSeed spread (BN, full batch, {spread['n']} seeds): mean "
-            f"{100 * spread['mean']:.2f} %, std {100 * spread['std']:.2f} points, range "
-            f"{100 * spread['range']:.2f} points. Read every difference against it."
+    rows = []
+    for r in arms(entries):
+        batch = r["norm_batch"] if r["norm_batch"] else "any (batch-independent)"
+        rows.append(
+            [
+                r["label"],
+                batch,
+                r["test_accuracy"]["n"],
+                protocol.fmt_interval(r["validation_accuracy"]),
+                protocol.fmt_interval(r["test_accuracy"]),
+                protocol.fmt_interval(r["eval_precise_bn_accuracy"]),
+                ", ".join(sorted(r["status"])),
+            ]
         )
+    headers = ["norm", "normalization batch", "seeds", "validation %", "test %"]
+    headers += ["test %, PreciseBN", "status"]
+    text = grid.markdown_table(headers, rows)
+    text += "\n\nMean ± half-width of the 95% t-interval over seeds (scipy). Train mode "
+    text += "evaluation of BN at the full batch (claim 1), test accuracy %:\n\n"
+    text += claim1_table(entries)
+    text += "\n\n" + claims_table(claims(entries))
     return text
 
 
-def _row(e: dict, family: str, *, precise: bool) -> list:
-    label = LABELS[family] + (" + PreciseBN" if precise else " (running averages)")
-    key = "test_accuracy_precise_bn" if precise else "test_accuracy"
-    return [label, *(grid.pct(e.get(f"{family}_{s}"), key) for s in COLUMNS)]
+def claim1_table(entries: list[dict]) -> str:
+    full = [e for e in entries if e["info"].get("label") == "BN"]
+    size = max((e["info"]["norm_batch"] for e in full), default=0)
+    arm = bn_arm(size)
+    cols = [("running averages", "eval_running_accuracy")]
+    cols += [("PreciseBN", "eval_precise_bn_accuracy")]
+    sizes = sorted(
+        {
+            int(k.split("_")[3])
+            for e in entries
+            if protocol.arm_of(e["key"]) == arm
+            for k in e
+            if k.startswith("eval_train_mode_")
+        }
+    )
+    cols += [(f"train mode, batch {s}", f"eval_train_mode_{s}_accuracy") for s in sizes]
+    row = [
+        protocol.fmt_interval(protocol.interval(protocol.by_seed(entries, arm, m).values()))
+        for _, m in cols
+    ]
+    return grid.markdown_table([c for c, _ in cols], [row])
+
+
+def claims_table(rows: list[dict]) -> str:
+    body = [
+        [
+            r["id"],
+            r["claim"],
+            r["paper"],
+            f"`{r['arm']}` − `{r['base']}`",
+            protocol.fmt_interval(r["diff"], signed=True),
+            r["diff"]["n"],
+            f"**{r['verdict']}**",
+        ]
+        for r in rows
+    ]
+    headers = ["claim", "tested", "paper", "paired difference", "points (95% CI)", "seeds"]
+    headers.append("verdict")
+    note = (
+        "Paired difference: arm minus baseline, seed by seed, in test-accuracy points "
+        "(claim 1: two evaluations of the same cells); verdict computed by "
+        "`experiments.protocol.verdict` (reproduced: the interval excludes 0 in the "
+        f"paper's direction; for 'matches', it lies within ±{100 * protocol.EQUAL_MARGIN:g} "
+        "points)."
+    )
+    return grid.markdown_table(headers, body) + "\n\n" + note
 
 
 def plot(entries: list[dict], path: str) -> None:
-    """Error vs normalization batch, x decreasing to the right (GN paper, Figure 1)."""
-    e = _by_key(entries)
-    fig, axes = grid.new_figure(width=7.5, height=4.8)
+    """Test accuracy vs normalization batch (measured points, 95% CI error bars)."""
+    rows = arms(entries)
+    fig, axes = grid.new_figure(ncols=2, width=6.2, height=4.6)
     ax = axes[0][0]
-    series = [("bn", "test_accuracy", "BN (running averages)", "o-")]
-    series += [("bn", "test_accuracy_precise_bn", "BN + PreciseBN", "s--")]
-    series += [("brn", "test_accuracy", "BRN", "^-"), ("sn", "test_accuracy", "SN", "v-")]
-    series += [("evonorm_b0", "test_accuracy", "EvoNorm-B0", "d-")]
-    xs_all = set()
-    for family, key, label, style in series:
-        pts = []
-        for entry in e.values():
-            info = entry.get("info", {})
-            if info.get("family") == family and not info.get("seed") and entry.get(key):
-                pts.append((info["norm_batch"], 100 * (1 - entry[key])))
-        pts.sort()
+    bn = sorted((r for r in rows if r["label"] == "BN"), key=lambda r: r["norm_batch"])
+    for metric, label, fmt in (
+        ("test_accuracy", "BN, running averages", "o"),
+        ("eval_precise_bn_accuracy", "BN, PreciseBN", "s"),
+    ):
+        pts = [(r["norm_batch"], r[metric]) for r in bn if r[metric]["mean"] is not None]
         if pts:
-            xs_all.update(x for x, _ in pts)
-            ax.plot([x for x, _ in pts], [y for _, y in pts], style, label=label)
-    styles = (":", "-.", (0, (5, 2)), (0, (1, 1)), (0, (3, 1, 1, 1)), "--", ":")
-    flat = [k for k in (*FLAT, "nf") if k in e and e[k].get("test_accuracy") is not None]
-    for i, key in enumerate(flat):
-        label = e[key].get("info", {}).get("label", key)
-        y = 100 * (1 - e[key]["test_accuracy"])
-        ax.axhline(y, ls=styles[i % len(styles)], lw=1.3, c=f"C{5 + i}", label=label)
-    spread = seed_spread(entries)
-    if spread and "bn_full" in e:
-        x = e["bn_full"]["info"]["norm_batch"]
-        ax.errorbar([x], [100 * (1 - spread["mean"])], yerr=[100 * spread["std"]], fmt="k_")
+            ax.errorbar(
+                [x for x, _ in pts],
+                [100 * iv["mean"] for _, iv in pts],
+                yerr=[100 * (iv["half"] or 0.0) for _, iv in pts],
+                fmt=fmt,
+                capsize=3,
+                label=label,
+            )
+    others = [r for r in rows if r["label"] != "BN" and r["test_accuracy"]["mean"] is not None]
+    full = bn[-1]["norm_batch"] if bn else protocol.FULL_BATCH
+    for i, r in enumerate(others):
+        x = full * 2 ** (0.12 * (i + 1))  # beside the full batch, where they were trained
+        iv = r["test_accuracy"]
+        ax.errorbar(
+            [x], [100 * iv["mean"]], yerr=[100 * (iv["half"] or 0.0)], fmt="D", ms=4, capsize=2
+        )
+        ax.annotate(r["label"], (x, 100 * iv["mean"]), fontsize=6, rotation=60)
     ax.set_xscale("log", base=2)
-    if xs_all:
-        ticks = sorted(xs_all)
-        ax.set_xticks(ticks, [str(t) for t in ticks])
-    ax.invert_xaxis()
-    ax.set_xlabel("normalization batch (examples)")
-    ax.set_ylabel("test error (%)")
-    ax.set_title("Fashion-MNIST, optimizer batch fixed; error vs normalization batch")
-    ax.legend(fontsize=7, ncol=2)
+    ax.set_xlabel("normalization batch (examples; batch-independent norms at the right)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Trained at optimizer batch 128")
+    ax.legend(loc="lower right", fontsize=7)
+    ax = axes[0][1]
+    arm = bn_arm(full)
+    sizes = sorted(
+        {
+            int(k.split("_")[3])
+            for e in entries
+            if protocol.arm_of(e["key"]) == arm
+            for k in e
+            if k.startswith("eval_train_mode_")
+        }
+    )
+    ivs = [
+        protocol.interval(protocol.by_seed(entries, arm, f"eval_train_mode_{s}_accuracy").values())
+        for s in sizes
+    ]
+    pts = [(s, iv) for s, iv in zip(sizes, ivs, strict=True) if iv["mean"] is not None]
+    if pts:
+        ax.errorbar(
+            [s for s, _ in pts],
+            [100 * iv["mean"] for _, iv in pts],
+            yerr=[100 * (iv["half"] or 0.0) for _, iv in pts],
+            fmt="o",
+            capsize=3,
+            label="train-mode statistics of each eval batch",
+        )
+    for metric, label, fmt in (
+        ("eval_running_accuracy", "running averages", "s"),
+        ("eval_precise_bn_accuracy", "PreciseBN", "^"),
+    ):
+        iv = protocol.interval(protocol.by_seed(entries, arm, metric).values())
+        if iv["mean"] is not None:
+            x = 2 * max(sizes or [full])
+            ax.errorbar(
+                [x],
+                [100 * iv["mean"]],
+                yerr=[100 * (iv["half"] or 0.0)],
+                fmt=fmt,
+                capsize=3,
+                label=label,
+            )
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("evaluation batch (examples)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("BN trained at 128, evaluated in train mode")
+    ax.legend(loc="lower right", fontsize=7)
     grid.save_figure(fig, path)
 
 
@@ -240,6 +420,8 @@ EXPERIMENT = grid.Experiment(
     cells=cells,
     table=table,
     plot=plot,
+    after_cell=after_cell,
+    reads_results=True,
 )
 
 if __name__ == "__main__":

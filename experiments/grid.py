@@ -111,6 +111,9 @@ class Experiment:
         curves read from ``metrics.jsonl`` or extra evaluations.
       run_cells: optional custom runner ``(cells_to_run, all_cells, ctx) ->
         entries`` replacing training (the throughput experiment).
+      reads_results: ``cells`` is ``(quick, out) -> cells``: the cells depend on
+        results recorded under ``out`` (a recipe chosen there, a budget search that
+        adds cells as earlier ones finish); ``main`` runs until none is pending.
     """
 
     name: str
@@ -120,6 +123,7 @@ class Experiment:
     plot: Callable[[list[dict], str], None]
     after_cell: Callable[..., dict] | None = None
     run_cells: Callable[..., list[dict]] | None = None
+    reads_results: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +143,11 @@ class Context:
 
 
 # ----------------------------------------------------------------------------- configs
+
+
+def experiment_cells(exp: Experiment, ctx: Context) -> list[Cell]:
+    """``exp``'s cells now (they may depend on results recorded under ``ctx.out``)."""
+    return exp.cells(ctx.quick, ctx.out) if exp.reads_results else exp.cells(ctx.quick)
 
 
 def build_config(cell: Cell, data_dir: str = ""):
@@ -306,7 +315,11 @@ def run_cell(exp: Experiment, cell: Cell, ctx: Context, fresh: bool) -> dict | N
         "diverged": status in ("error", "diverged"),
         "at_chance": status == "at_chance",
         "error": error,
-        **{k: finite_or_none(v) for k, v in summary.items() if k.startswith("test_")},
+        **{
+            k: finite_or_none(v)
+            for k, v in summary.items()
+            if k.startswith(("test_", "validation_"))
+        },
         "steps": summary.get("steps"),
         "skipped_steps": summary.get("skipped_steps"),
         "wall_time_s": summary.get("wall_time_s"),
@@ -385,7 +398,7 @@ def run_grid(exp: Experiment, ctx: Context, devices_only: int | None) -> None:
 
     enable_compilation_cache(ctx.cache_dir)
 
-    cells = exp.cells(ctx.quick)
+    cells = experiment_cells(exp, ctx)
     todo = pending_cells(exp, cells, ctx)
     skipped = 0 if ctx.force or ctx.only else len(cells) - len(todo)
     if devices_only is not None:
@@ -430,7 +443,7 @@ def write_outputs(exp: Experiment, ctx: Context) -> list[dict]:
     path = ctx.out / f"{exp.name}.json"
     results = load_results(path)
     by_key = {e["key"]: e for e in results.get("cells", [])}
-    order = [c.key for c in exp.cells(ctx.quick)]
+    order = [c.key for c in experiment_cells(exp, ctx)]
     entries = [by_key[k] for k in order if k in by_key]
     results.update(experiment=exp.name, quick=ctx.quick, environment=environment(), cells=entries)
     results["total_cell_time_s"] = sum(e.get("cell_time_s") or 0.0 for e in entries)
@@ -555,4 +568,9 @@ def main(exp: Experiment, argv: Sequence[str] | None = None) -> list[dict]:
     run_grid(exp, ctx, devices_only)
     if devices_only is not None:
         return []
+    # Cells that depend on results (a budget search) appear as earlier ones finish.
+    while exp.reads_results and pending_cells(exp, experiment_cells(exp, ctx), ctx):
+        if ctx.only or ctx.force:
+            break
+        run_grid(exp, ctx, None)
     return write_outputs(exp, ctx)

@@ -283,9 +283,10 @@ def diagnose(workdir: str, *, batches: int = 50, sizes: tuple[int, ...] | None =
     Args:
       workdir: a training workdir with ``config.json`` and at least one checkpoint.
       batches: training batches for the PreciseBN re-estimate.
-      sizes: candidate normalization batch sizes for ``batch_stats_by_size``
-        (default ``OTHER_SIZES``; used only where the run had ghost batches or a
-        small normalization batch; sizes above the test split are skipped).
+      sizes: normalization batch sizes for ``batch_stats_by_size``; given, they
+        are all evaluated (except the run's own, which is ``batch_stats``, and
+        sizes above the test split). Default: ``OTHER_SIZES``, evaluated only
+        where the run had ghost batches or a small normalization batch.
 
     Returns ``{"layers": [...], "eval": {...}, "verdict": [str], "causes": [code],
     "run": {...}}`` (see :mod:`nfnets.training.doctor_report` for the codes).
@@ -321,9 +322,11 @@ def diagnose(workdir: str, *, batches: int = 50, sizes: tuple[int, ...] | None =
     rows = _layer_rows(state.batch_stats, trainer.parallel.host(precise, PER_DEVICE), list(layers))
     run = _run_facts(workdir, config, trainer, state, layers, norm_batch, ghost, batches)
     run["layers_at_init"] = [r["name"] for r in rows if _at_init(state.batch_stats, r["name"])]
-    sizes = other_sizes(norm_batch, len(trainer.test_ds), OTHER_SIZES if sizes is None else sizes)
-    if not doctor_report.batch_dependence_relevant(run):
-        sizes = []
+    if sizes is None:  # the default sizes only where the batch can matter
+        relevant = doctor_report.batch_dependence_relevant(run)
+        sizes = other_sizes(norm_batch, len(trainer.test_ds)) if relevant else []
+    else:
+        sizes = other_sizes(norm_batch, len(trainer.test_ds), sizes)
     evals = _evaluations(trainer, p_state, precise, host_vars, layers, norm_batch, sizes)
     causes, verdict = doctor_report.judge(rows, evals, run)
     return {"layers": rows, "eval": evals, "verdict": verdict, "causes": causes, "run": run}
