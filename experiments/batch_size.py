@@ -75,7 +75,7 @@ def cells(quick: bool, out: Path) -> list[grid.Cell]:
     full = full_batch(quick)
     sizes = (*(QUICK_GHOSTS if quick else GHOSTS), full)
     out_cells = []
-    for seed in protocol.SEEDS:
+    for seed in protocol.seeds(quick):
         for size in (full, *sizes[:-1]):  # the full batch first: claim 1 and the baseline
             kwargs = {} if size == full else {"ghost_batch_size": size}
             info = {"arm": bn_arm(size), "label": "BN", "norm_batch": size}
@@ -84,7 +84,7 @@ def cells(quick: bool, out: Path) -> list[grid.Cell]:
                     bn_arm(size), "batch_norm", kwargs, seed, quick, recipe, info=info
                 )
             )
-    for seed in protocol.SEEDS:
+    for seed in protocol.seeds(quick):
         for arm, (label, norm, kwargs, ws) in INDEPENDENT.items():
             if quick and "num_groups" in kwargs:
                 kwargs = {"num_groups": QUICK_GROUPS}

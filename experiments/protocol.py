@@ -33,6 +33,7 @@ from experiments import grid
 
 VALIDATION_EXAMPLES = 5000
 SEEDS = (0, 1, 2)
+QUICK_SEEDS = (0, 1)  # --quick: two, the fewest that give an interval
 CONFIDENCE = 0.95
 FULL_BATCH = 128
 # An "equal" claim (e.g. renorm matches BN at the full batch) is reproduced when the
@@ -81,6 +82,11 @@ class Recipe:
 
 
 QUICK_RECIPE = Recipe(learning_rate=0.01, num_epochs=0.0)
+
+
+def seeds(quick: bool) -> tuple[int, ...]:
+    """The paired seeds of every arm (``QUICK_SEEDS`` with ``--quick``)."""
+    return QUICK_SEEDS if quick else SEEDS
 
 
 def recipe_path(out: Path) -> Path:

@@ -24,6 +24,7 @@ are the validation split (the same in every run).
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from experiments import grid, protocol
@@ -42,30 +43,30 @@ def _cell(lr: float, epochs: float, seed: int, quick: bool) -> grid.Cell:
     return protocol.twin_cell(key, "batch_norm", {}, seed, quick, recipe, info=info)
 
 
-def _mean(entries: list[dict], lr: float, epochs: float) -> float | None:
-    """Mean validation accuracy of the (lr, epochs) cells, None until all seeds ran."""
+def _mean(entries: list[dict], lr: float, epochs: float, seeds: Sequence[int]) -> float | None:
+    """Mean validation accuracy of the (lr, epochs) cells, None until every seed ran."""
     arm = f"bn_lr{lr:g}_e{epochs:g}"
     scores = protocol.by_seed(entries, arm, METRIC)
-    if set(scores) != set(protocol.SEEDS):
+    if set(scores) != set(seeds):
         return None
     return sum(scores.values()) / len(scores)
 
 
-def choose(entries: list[dict]) -> dict:
+def choose(entries: list[dict], seeds: Sequence[int] = protocol.SEEDS) -> dict:
     """The choice the recorded cells support so far.
 
     Returns ``{"learning_rate", "num_epochs", "means", "budget_means"}``: the
     rate is None until every sweep cell ran; ``num_epochs`` is None until the
     budget search has its answer; the means are validation accuracies.
     """
-    means = {lr: _mean(entries, lr, SWEEP_EPOCHS) for lr in LEARNING_RATES}
+    means = {lr: _mean(entries, lr, SWEEP_EPOCHS, seeds) for lr in LEARNING_RATES}
     out = {"learning_rate": None, "num_epochs": None, "means": means, "budget_means": {}}
     if any(m is None for m in means.values()):
         return out
     lr = max(LEARNING_RATES, key=lambda r: means[r])
     out["learning_rate"] = lr
     for epochs in BUDGETS:
-        m = _mean(entries, lr, epochs)
+        m = _mean(entries, lr, epochs, seeds)
         out["budget_means"][epochs] = m
         if m is None:
             return out
@@ -77,17 +78,20 @@ def choose(entries: list[dict]) -> dict:
 
 
 def cells(quick: bool, out: Path) -> list[grid.Cell]:
-    sweep = [_cell(lr, SWEEP_EPOCHS, s, quick) for lr in LEARNING_RATES for s in protocol.SEEDS]
+    seeds = protocol.seeds(quick)
+    sweep = [_cell(lr, SWEEP_EPOCHS, s, quick) for lr in LEARNING_RATES for s in seeds]
     if quick:
         return sweep
-    entries = grid.load_results(out / "recipe.json").get("cells", [])
-    chosen = choose(entries)
+    chosen = choose(grid.load_results(out / "recipe.json").get("cells", []))
     lr, extra = chosen["learning_rate"], []
-    if lr is not None:
-        for epochs in BUDGETS[1:]:
-            extra += [_cell(lr, epochs, s, quick) for s in protocol.SEEDS]
-            if chosen["budget_means"].get(epochs) is None:
-                break  # the next budget only once this one fell short
+    if lr is None:
+        return sweep
+    # A longer budget only once the previous one finished and fell short of TARGET.
+    for previous, epochs in zip(BUDGETS, BUDGETS[1:], strict=False):
+        done = chosen["budget_means"].get(previous)
+        if done is None or done >= TARGET:
+            break
+        extra += [_cell(lr, epochs, s, quick) for s in seeds]
     return sweep + extra
 
 
