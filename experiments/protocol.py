@@ -39,6 +39,7 @@ FULL_BATCH = 128
 # An "equal" claim (e.g. renorm matches BN at the full batch) is reproduced when the
 # paired interval lies within +-EQUAL_MARGIN of 0 (accuracy, as a fraction).
 EQUAL_MARGIN = 0.01
+VERDICTS = ("reproduced", "contradicted", "inconclusive", "pending")
 
 # The BN twin of configs/default.py's NF model (same stem, widths, depths, ratio).
 TWIN_MODEL = "resnet50_v2_small"

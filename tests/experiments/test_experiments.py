@@ -15,10 +15,10 @@ import math
 
 import pytest
 
-from experiments import grid, sync
+from experiments import batch_size, grid, protocol, sync
 from tests.nfnets.training.tiny_config import fake_data
 
-NAMES = ("batch_size", "running_stats", "sync", "agc", "cost")
+NAMES = ("recipe", "batch_size", "running_stats", "sync", "agc", "cost")
 FIELDS = ("key", "overrides", "seed", "status", "diverged", "steps", "images_per_sec")
 TRAIN_FIELDS = ("test_accuracy", "test_loss", "wall_time_s", "workdir", "cpu_time_s")
 
@@ -59,8 +59,9 @@ def load(tmp_path, name):
 @pytest.mark.parametrize("name", NAMES)
 def test_quick_run_writes_every_cell(name, tmp_path, data_dir):
     exp = importlib.import_module(f"experiments.{name}").EXPERIMENT
-    entries = grid.main(exp, quick_args(tmp_path, data_dir))
-    keys = [c.key for c in exp.cells(True)]
+    args = quick_args(tmp_path, data_dir)
+    entries = grid.main(exp, args)
+    keys = [c.key for c in grid.experiment_cells(exp, grid.parse_args(name, args)[0])]
     assert [e["key"] for e in entries] == keys
     results = load(tmp_path, name)
     assert results["quick"] is True
@@ -89,8 +90,25 @@ def test_quick_run_writes_every_cell(name, tmp_path, data_dir):
             assert all(0.0 <= p["batch_stats"] <= 1.0 for p in e["curve"]), e["key"]
             assert e["doctor_causes"] and e["doctor_verdict"], e["key"]
     if name == "batch_size":
-        bn = next(e for e in results["cells"] if e["key"] == "bn_full")
-        assert "test_accuracy_precise_bn" in bn
+        by = {e["key"]: e for e in results["cells"]}
+        for seed in protocol.QUICK_SEEDS:
+            # The full batch (16 in --quick): running averages, PreciseBN and
+            # train-mode evaluation at 1, 2 and its own 16, all on the test split.
+            full = by[f"bn_g16_s{seed}"]
+            for key in ("running", "precise_bn", "train_mode_1", "train_mode_2"):
+                assert 0.0 <= full[f"eval_{key}_accuracy"] <= 1.0, (key, full["key"])
+            # The doctor's evaluation with the running averages is the trainer's own.
+            assert full["eval_running_accuracy"] == pytest.approx(full["test_accuracy"], abs=1e-6)
+            assert 0.0 <= full["eval_train_mode_16_accuracy"] <= 1.0
+            assert "eval_train_mode_1_accuracy" not in by[f"bn_g2_s{seed}"]
+            assert 0.0 <= by[f"gn_s{seed}"]["validation_accuracy"] <= 1.0
+        claims = batch_size.claims(results["cells"])
+        assert {c["verdict"] for c in claims} <= set(protocol.VERDICTS)
+        arms = {protocol.arm_of(k) for k in by}
+        for c in claims:  # bn_g4 and bn_g32 are not in --quick: those claims wait
+            ran = c["arm"] in arms and c["base"] in arms
+            assert c["diff"]["seeds"] == (list(protocol.QUICK_SEEDS) if ran else []), c
+            assert ran or c["verdict"] == "pending", c
 
 
 def check_sync(cells):
