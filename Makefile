@@ -20,7 +20,7 @@ PY_LATEST := $(shell for p in python3.12 python3.13 \
   && { command -v $$p; break; }; done)
 endif
 
-.PHONY: setup setup-latest data train test test-latest bench lint format clean
+.PHONY: setup setup-latest data train test test-latest bench lint format clean experiments report
 
 setup: $(STAMP)
 
@@ -61,6 +61,13 @@ test-latest:
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
+
+# The evidence grid (hours of CPU; resumes where it stopped) and its pages.
+experiments: $(STAMP) data
+	$(BIN)/python -m experiments.run_all
+
+report: $(STAMP)
+	$(BIN)/python -m experiments.report
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -280,7 +280,7 @@ def table(entries: list[dict]) -> str:
     text += "\n\nMean ± half-width of the 95% t-interval over seeds (scipy). Train mode "
     text += "evaluation of BN at the full batch (claim 1), test accuracy %:\n\n"
     text += claim1_table(entries)
-    text += "\n\n" + claims_table(claims(entries))
+    text += "\n\n" + protocol.claims_table(claims(entries))
     return text
 
 
@@ -305,31 +305,6 @@ def claim1_table(entries: list[dict]) -> str:
         for _, m in cols
     ]
     return grid.markdown_table([c for c, _ in cols], [row])
-
-
-def claims_table(rows: list[dict]) -> str:
-    body = [
-        [
-            r["id"],
-            r["claim"],
-            r["paper"],
-            f"`{r['arm']}` − `{r['base']}`",
-            protocol.fmt_interval(r["diff"], signed=True),
-            r["diff"]["n"],
-            f"**{r['verdict']}**",
-        ]
-        for r in rows
-    ]
-    headers = ["claim", "tested", "paper", "paired difference", "points (95% CI)", "seeds"]
-    headers.append("verdict")
-    note = (
-        "Paired difference: arm minus baseline, seed by seed, in test-accuracy points "
-        "(claim 1: two evaluations of the same cells); verdict computed by "
-        "`experiments.protocol.verdict` (reproduced: the interval excludes 0 in the "
-        f"paper's direction; for 'matches', it lies within ±{100 * protocol.EQUAL_MARGIN:g} "
-        "points)."
-    )
-    return grid.markdown_table(headers, body) + "\n\n" + note
 
 
 def plot(entries: list[dict], path: str) -> None:
@@ -365,7 +340,7 @@ def plot(entries: list[dict], path: str) -> None:
     ax.set_xlabel("normalization batch (examples; batch-independent norms at the right)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Trained at optimizer batch 128")
-    ax.legend(loc="lower right", fontsize=7)
+    grid.legend_below(ax)
     ax = axes[0][1]
     arm = bn_arm(full)
     sizes = sorted(
@@ -410,7 +385,7 @@ def plot(entries: list[dict], path: str) -> None:
     ax.set_xlabel("evaluation batch (examples)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("BN trained at 128, evaluated in train mode")
-    ax.legend(loc="lower right", fontsize=7)
+    grid.legend_below(ax)
     grid.save_figure(fig, path)
 
 

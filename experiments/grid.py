@@ -221,6 +221,44 @@ def git_state() -> dict[str, Any]:
     return {"commit": head.stdout.strip(), "dirty": dirty}
 
 
+LIBRARY = ("norms", "nfnets")  # the code whose version decides a cell's numbers
+
+
+def library_code(commit: str | None) -> str | None:
+    """Git tree ids of ``norms/`` and ``nfnets/`` at ``commit`` (None if unknown).
+
+    Two cells with the same value ran the same library code, whatever else
+    changed between their commits (docs, experiments, tests).
+    """
+    if not commit:
+        return None
+    out = subprocess.run(
+        ["git", "rev-parse", *(f"{commit}:{path}" for path in LIBRARY)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    return None if out.returncode else "+".join(t[:12] for t in out.stdout.split())
+
+
+def current_library_code() -> str | None:
+    """:func:`library_code` of HEAD, or None when ``norms/``/``nfnets/`` have edits."""
+    dirty = subprocess.run(
+        ["git", "diff", "--quiet", "HEAD", "--", *LIBRARY], cwd=REPO, capture_output=True
+    )
+    return None if dirty.returncode else library_code(git_state()["commit"])
+
+
+def stale_code_keys(entries: Sequence[dict]) -> list[str]:
+    """Keys of cells whose library code differs from the majority's (or is unknown)."""
+    codes = [e.get("library_code") for e in entries]
+    known = [c for c in codes if c]
+    if not known:
+        return [e["key"] for e in entries]
+    majority = max(sorted(set(known)), key=known.count)
+    return [e["key"] for e in entries if e.get("library_code") != majority]
+
+
 def finite_or_none(x: Any) -> Any:
     """JSON-safe number: non-finite floats become None (JSON has no NaN)."""
     if isinstance(x, float) and not math.isfinite(x):
@@ -264,11 +302,16 @@ def load_results(path: Path) -> dict:
     return {}
 
 
+def results_text(results: dict) -> str:
+    """The JSON text of an experiment's results, as committed."""
+    return json.dumps(results, indent=1, sort_keys=False) + "\n"
+
+
 def save_results(path: Path, results: dict) -> None:
     """Atomic write (a killed run never leaves half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=1, sort_keys=False) + "\n")
+    tmp.write_text(results_text(results))
     os.replace(tmp, path)
 
 
@@ -329,6 +372,7 @@ def run_cell(exp: Experiment, cell: Cell, ctx: Context, fresh: bool) -> dict | N
         "load_avg_1m": [load0, os.getloadavg()[0]],
         "workdir": os.path.relpath(workdir, REPO),
         "git_commit": git_state()["commit"],
+        "library_code": current_library_code(),
         "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     if exp.after_cell is not None and error is None:
@@ -438,18 +482,33 @@ def run_grid(exp: Experiment, ctx: Context, devices_only: int | None) -> None:
             raise SystemExit(f"[{exp.name}] the {devices}-device child process failed (rc {rc})")
 
 
+def render(exp: Experiment, ctx: Context) -> tuple[dict, list[dict], str]:
+    """``(results, entries, markdown)`` of ``<name>.json``: entries in cell order.
+
+    The order is the experiment's cell order where its cells can be listed (a stage
+    that waits for the recipe cannot list them yet: then the recorded order).
+    """
+    results = load_results(ctx.out / f"{exp.name}.json")
+    recorded = results.get("cells", [])
+    by_key = {e["key"]: e for e in recorded}
+    try:
+        order = [c.key for c in experiment_cells(exp, ctx)]
+    except SystemExit:
+        order = [e["key"] for e in recorded]
+    entries = [by_key[k] for k in order if k in by_key]
+    if "environment" not in results:
+        results["environment"] = environment()
+    results.update(experiment=exp.name, quick=ctx.quick, cells=entries)
+    results["total_cell_time_s"] = sum(e.get("cell_time_s") or 0.0 for e in entries)
+    return results, entries, markdown_page(exp, results, entries)
+
+
 def write_outputs(exp: Experiment, ctx: Context) -> list[dict]:
     """``<name>.json`` in cell order, ``<name>.md`` and ``<name>.png`` from it."""
-    path = ctx.out / f"{exp.name}.json"
-    results = load_results(path)
-    by_key = {e["key"]: e for e in results.get("cells", [])}
-    order = [c.key for c in experiment_cells(exp, ctx)]
-    entries = [by_key[k] for k in order if k in by_key]
-    results.update(experiment=exp.name, quick=ctx.quick, environment=environment(), cells=entries)
-    results["total_cell_time_s"] = sum(e.get("cell_time_s") or 0.0 for e in entries)
-    save_results(path, results)
+    results, entries, markdown = render(exp, ctx)
+    save_results(ctx.out / f"{exp.name}.json", results)
     exp.plot(entries, str(ctx.out / f"{exp.name}.png"))
-    (ctx.out / f"{exp.name}.md").write_text(markdown_page(exp, results, entries))
+    (ctx.out / f"{exp.name}.md").write_text(markdown)
     return entries
 
 
@@ -471,12 +530,23 @@ def markdown_page(exp: Experiment, results: dict, entries: list[dict]) -> str:
         f"in `{exp.name}.json`).",
         f"Code: commit(s) {', '.join(c[:10] for c in commits)}"
         f"{' (uncommitted changes)' if g.get('dirty') else ''}. "
+        f"{stale_code_note(exp.name, entries)}"
         f"Machine: {m['cpu']}, {m['cpu_count']} CPUs, {m['memory_gb']} GB. "
         + "Packages: "
         + ", ".join(f"{k} {val}" for k, val in v.items() if val),
         "",
     ]
     return "\n".join(lines)
+
+
+def stale_code_note(name: str, entries: Sequence[dict]) -> str:
+    stale = stale_code_keys(entries)
+    if not stale:
+        return "Every cell ran the same `norms/` and `nfnets/` code. "
+    return (
+        f"Cells whose `norms/`/`nfnets/` code differs from the majority's: {', '.join(stale)} "
+        f"(`python -m experiments.{name} --stale-code` reruns them). "
+    )
 
 
 # ----------------------------------------------------------------------------- tables
@@ -515,6 +585,13 @@ def new_figure(ncols: int = 1, width: float = 6.0, height: float = 4.2):
     return plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
 
 
+def legend_below(ax, ncol: int = 2) -> None:
+    """The legend under the axes, off the data (none when nothing is labelled)."""
+    if not ax.get_legend_handles_labels()[0]:
+        return
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=ncol, fontsize=7, frameon=False)
+
+
 def save_figure(fig, path: str) -> None:
     import matplotlib.pyplot as plt
 
@@ -532,6 +609,11 @@ def parse_args(name: str, argv: Sequence[str] | None) -> tuple[Context, int | No
     p.add_argument("--only", action="append", default=[], help="rerun this cell (repeatable)")
     p.add_argument("--out", default="docs/experiments", help="folder of the JSON/MD/PNG")
     p.add_argument("--force", action="store_true", help="rerun finished cells too")
+    p.add_argument(
+        "--stale-code",
+        action="store_true",
+        help="rerun the cells whose norms/ and nfnets/ code differs from the majority's",
+    )
     p.add_argument("--workdir-root", default="runs/experiments", help="cell workdirs go here")
     p.add_argument("--data-dir", default="", help="Fashion-MNIST IDX folder (default: config)")
     p.add_argument(
@@ -548,6 +630,15 @@ def parse_args(name: str, argv: Sequence[str] | None) -> tuple[Context, int | No
         only=tuple(k for arg in a.only for k in arg.split(",") if k),
         cache_dir=Path(a.cache_dir or Path(a.workdir_root) / ".jax_cache").resolve(),
     )
+    if a.stale_code:
+        if ctx.only:
+            p.error("--stale-code chooses the cells itself; drop --only")
+        recorded = load_results(ctx.out / f"{name}.json").get("cells", [])
+        stale = tuple(stale_code_keys(recorded))
+        print(f"[{name}] --stale-code: {', '.join(stale) or 'no cell'} to rerun", flush=True)
+        if not stale:
+            raise SystemExit(0)
+        ctx = dataclasses.replace(ctx, only=stale)
     return ctx, a.devices
 
 

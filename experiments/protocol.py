@@ -266,3 +266,65 @@ def fmt_interval(iv: dict[str, Any], scale: float = 100.0, signed: bool = False)
     if iv.get("half") is None:
         return f"{mean} (n=1)"
     return f"{mean} ± {scale * iv['half']:.1f}"
+
+
+def seeds_to_settle(diff: dict[str, Any], direction: str, limit: int = 100) -> int | None:
+    """Seeds at which an interval this wide around this mean would settle the claim.
+
+    Assumes the paired differences keep their mean and sample standard deviation:
+    the smallest n with ``t_{n-1} * s / sqrt(n) < |mean|`` (for ``=``: below
+    ``EQUAL_MARGIN - |mean|``). None when more than ``limit`` seeds would be needed
+    or the spread is unknown (a mean inside the noise needs a bigger effect, not
+    more seeds).
+    """
+    mean, half, n = diff.get("mean"), diff.get("half"), diff.get("n", 0)
+    if mean is None or half is None or n < 2:
+        return None
+    sd = half * math.sqrt(n) / t_quantile(n)
+    target = EQUAL_MARGIN - abs(mean) if direction == "=" else abs(mean)
+    if target <= 0:
+        return None
+    for m in range(2, limit + 1):
+        if t_quantile(m) * sd / math.sqrt(m) < target:
+            return m
+    return None
+
+
+def settle_note(row: dict[str, Any]) -> str:
+    """What a claim row needs: nothing when decided, else the seeds (or why not)."""
+    if row["verdict"] in ("reproduced", "contradicted"):
+        return ""
+    if row["verdict"] == "pending":
+        return "cells still to run"
+    m = seeds_to_settle(row["diff"], row["direction"])
+    if m is None:
+        return "the difference is inside the noise: > 100 seeds at this spread"
+    return f"about {m} seeds at this spread"
+
+
+def claims_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The claim rows of an experiment as a markdown table, with the verdict rule."""
+    body = [
+        [
+            r["id"],
+            r["claim"],
+            r["paper"],
+            f"`{r['arm']}` − `{r['base']}`",
+            fmt_interval(r["diff"], signed=True),
+            r["diff"]["n"],
+            f"**{r['verdict']}**",
+            settle_note(r) or "—",
+        ]
+        for r in rows
+    ]
+    headers = ["claim", "tested", "paper", "paired difference", "points (95% CI)", "seeds"]
+    headers += ["verdict", "to settle it"]
+    note = (
+        "Paired difference: arm minus baseline, seed by seed, in accuracy points on the "
+        "test split (two evaluations of the same cells where arm and baseline are one "
+        "arm); verdict computed by `experiments.protocol.verdict`: reproduced when the "
+        "95% interval excludes 0 in the paper's direction, contradicted when it excludes "
+        f"0 the other way; for 'matches', reproduced within ±{100 * EQUAL_MARGIN:g} points. "
+        "A failed (diverged) cell counts at chance accuracy."
+    )
+    return grid.markdown_table(headers, body) + "\n\n" + note

@@ -157,7 +157,7 @@ def plot(entries: list[dict], path: str) -> None:
     ax.set_xlabel("learning rate (AdamW)")
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title("BN twin at batch 128: mean and 95% CI over 3 seeds")
-    ax.legend(loc="best", fontsize=8)
+    grid.legend_below(ax, ncol=4)
     grid.save_figure(fig, path)
 
 
