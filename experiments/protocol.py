@@ -153,10 +153,15 @@ def twin_cell(
 
 
 def nf_cell(
-    key: str, seed: int, quick: bool, recipe: Recipe | None, info: dict | None = None
+    key: str,
+    seed: int,
+    quick: bool,
+    recipe: Recipe | None,
+    info: dict | None = None,
+    extra: dict | None = None,
 ) -> grid.Cell:
-    """A cell of configs/default.py's NF model under the same recipe."""
-    overrides = {**base_overrides(quick, recipe), "seed": seed}
+    """A cell of configs/default.py's NF model under the same recipe (None: its own)."""
+    overrides = {**base_overrides(quick, recipe), "seed": seed, **(extra or {})}
     if quick:
         overrides.update({f"model_kwargs.{k}": v for k, v in QUICK_NF.items()})
     return grid.Cell(f"{key}_s{seed}", "default", overrides, 1, {**(info or {}), "seed": seed})

@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-STAGES = ("recipe", "batch_size")
+STAGES = ("recipe", "batch_size", "default_config")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -18,7 +18,7 @@ import pytest
 from experiments import batch_size, grid, protocol, sync
 from tests.nfnets.training.tiny_config import fake_data
 
-NAMES = ("recipe", "batch_size", "running_stats", "sync", "agc", "cost")
+NAMES = ("recipe", "batch_size", "default_config", "running_stats", "sync", "agc", "cost")
 FIELDS = ("key", "overrides", "seed", "status", "diverged", "steps", "images_per_sec")
 TRAIN_FIELDS = ("test_accuracy", "test_loss", "wall_time_s", "workdir", "cpu_time_s")
 
