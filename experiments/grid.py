@@ -10,7 +10,9 @@ Resume: a cell whose key is in the JSON is not rerun unless ``--force`` (all
 cells) or ``--only KEY`` (that cell) asks; an interrupted cell resumes from its
 workdir's checkpoint (``train`` resumes by itself). A recorded cell whose
 overrides differ from its definition now is stale: it is rerun from scratch. A cell
-that raises is recorded with status "error", one whose run ends with a non-finite
+that raises is recorded with status "error" and run again on the next resume (from
+its checkpoint: an exception is most often the machine's, out of memory or
+threads), one whose run ends with a non-finite
 test loss as "diverged", one whose test accuracy is at chance with a finite loss
 (an evaluation that collapsed, while training did not) as "at_chance". None of
 them stops the grid.
@@ -395,6 +397,11 @@ def stale_keys(cells: list[Cell], recorded: list[dict]) -> set[str]:
     }
 
 
+def error_keys(path: Path) -> set[str]:
+    """Keys of the recorded cells of ``path`` whose run raised."""
+    return {e["key"] for e in load_results(path).get("cells", []) if e.get("status") == "error"}
+
+
 def pending_cells(exp: Experiment, cells: list[Cell], ctx: Context) -> list[Cell]:
     """Cells to run now: unfinished or stale ones, ``--only`` ones, or all with ``--force``."""
     keys = [c.key for c in cells]
@@ -407,6 +414,7 @@ def pending_cells(exp: Experiment, cells: list[Cell], ctx: Context) -> list[Cell
         return list(cells)
     recorded = load_results(ctx.out / f"{exp.name}.json").get("cells", [])
     done = {e["key"] for e in recorded} - stale_keys(cells, recorded)
+    done -= error_keys(ctx.out / f"{exp.name}.json")
     return [c for c in cells if c.key not in done]
 
 
@@ -453,6 +461,9 @@ def run_grid(exp: Experiment, ctx: Context, devices_only: int | None) -> None:
     stale = stale_keys(cells, load_results(ctx.out / f"{exp.name}.json").get("cells", []))
     if stale and devices_only is None:
         print(f"[{exp.name}] rerun from scratch, overrides changed: {', '.join(sorted(stale))}")
+    errored = [c.key for c in todo if c.key in error_keys(ctx.out / f"{exp.name}.json")]
+    if errored and devices_only is None and not fresh:
+        print(f"[{exp.name}] run again, raised last time: {', '.join(errored)}")
     if exp.run_cells is not None:
         for entry in exp.run_cells(todo, cells, ctx) if todo else []:
             record_entry(exp, ctx, entry)

@@ -187,7 +187,7 @@ def test_table_marks_failed_cells():
     assert grid.pct({"error": "ValueError: x"}) == "n/a (error)"
 
 
-def test_cell_with_changed_overrides_is_rerun(tmp_path):
+def test_cell_with_changed_overrides_or_an_error_is_rerun(tmp_path):
     cells = [grid.Cell("a", "fashion_mnist_norms", {"batch_size": 16, "model_kwargs.widths": (4,)})]
     same = {"key": "a", "overrides": {"batch_size": 16, "model_kwargs.widths": [4]}}
     assert grid.stale_keys(cells, [same]) == set()
@@ -199,7 +199,8 @@ def test_cell_with_changed_overrides_is_rerun(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     ctx = grid.parse_args("toy", ["--out", str(out), "--workdir-root", str(tmp_path / "w")])[0]
-    for entry, pending in ((same, []), (changed, ["a"])):
+    raised = {**same, "status": "error", "error": "RuntimeError: can't start new thread"}
+    for entry, pending in ((same, []), (changed, ["a"]), (raised, ["a"])):
         grid.save_results(out / "toy.json", {"cells": [entry]})
         assert [c.key for c in grid.pending_cells(exp, cells, ctx)] == pending
 
