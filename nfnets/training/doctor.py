@@ -204,8 +204,12 @@ def _model_at_size(trainer: Trainer, size: int, ghost_ok: bool) -> tuple[nn.Modu
     return model, batch
 
 
-def other_sizes(norm_batch: int, num_test: int, sizes=OTHER_SIZES) -> list[int]:
-    """The extra normalization batches of eval (d): ``sizes`` up to the split, minus the run's."""
+def other_sizes(norm_batch: int, num_test: int, sizes=None) -> list[int]:
+    """The extra normalization batches of eval (d): ``sizes`` up to the split, minus the run's.
+
+    ``sizes`` defaults to ``OTHER_SIZES``, read at call time.
+    """
+    sizes = OTHER_SIZES if sizes is None else sizes
     return [s for s in sizes if s != norm_batch and s <= num_test]
 
 
